@@ -1,0 +1,179 @@
+# Copyright 2026 The llava-multilayer authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""MMFuser's multi-layer fuser: deformable cross-attention from a deep layer to shallow/middle layers.
+
+MMFuser (arXiv 2410.11829) and Layer_Select_Fuse's external modular fusion (E_M, arXiv 2503.06063) use the same
+block: Deformable-DETR multi-scale deformable attention (arXiv 2010.04159) over several vision layers.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+
+from .configuration_llava_multilayer import LlavaMultiLayerConfig
+from .projection_llava_multilayer import FusionOutput, LlavaMultiLayerMLPProjector, select_vision_feature
+
+
+def square_grid_side(num_tokens: int, what: str) -> int:
+    """Side of the square patch grid holding `num_tokens` tokens; raises if the grid is not square."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"The mmfuser fuser needs a square patch grid, but the {what} has {num_tokens} tokens, which is not a "
+            "perfect square. With SigLIP use vision_feature_select_strategy='full' (SigLIP has no CLS token)."
+        )
+    return side
+
+
+def grid_reference_points(side: int, device: torch.device) -> torch.Tensor:
+    """Centres of a `side x side` grid, row-major, as normalised `(x, y)`: `(1, side*side, 1, 2)`, float32."""
+    coords = (torch.arange(side, dtype=torch.float32, device=device) + 0.5) / side
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)[None, :, None]
+
+
+class MMFuserDeformableAttention(nn.Module):
+    """Multi-scale deformable attention (Deformable-DETR) with the sampling done in float32, as MMFuser does.
+
+    The sampling core is transformers' `MultiScaleDeformableAttention`, which picks up a compiled kernel where the
+    `kernels` package provides one.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_levels: int, num_points: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(hidden_size, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(hidden_size, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(hidden_size, hidden_size)
+        self.output_proj = nn.Linear(hidden_size, hidden_size)
+        self.attn = MultiScaleDeformableAttention()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: `(batch, num_queries, hidden)`.
+            reference_points: `(1 or batch, num_queries, 1 or num_levels, 2)`, normalised `(x, y)`.
+            value: `(batch, sum(h * w), hidden)`, the levels concatenated row-major.
+            spatial_shapes: `(height, width)` of each level.
+
+        Returns:
+            `(batch, num_queries, hidden)`.
+        """
+        batch_size, num_queries, hidden_size = query.shape
+        head_dim = hidden_size // self.num_heads
+        value = self.value_proj(value).view(batch_size, -1, self.num_heads, head_dim)
+        offsets = self.sampling_offsets(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+        )
+        weights = self.attention_weights(query).view(batch_size, num_queries, self.num_heads, -1).softmax(-1)
+        weights = weights.view(batch_size, num_queries, self.num_heads, self.num_levels, self.num_points)
+
+        shapes = torch.tensor(spatial_shapes, dtype=torch.long, device=query.device)
+        normalizer = shapes.flip(-1)  # (width, height): x is divided by the width, y by the height
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        level_start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+        output = self.attn(
+            value.float(), shapes, spatial_shapes, level_start, locations.float(), weights.float(), im2col_step=64
+        )
+        return self.output_proj(output.to(self.output_proj.weight.dtype))
+
+
+class MMFuserBlock(nn.Module):
+    """The MMFuser block: the query layer attends to the value layers, then to itself; two per-channel scales.
+
+    `out = q + s1 * (A + s2 * SelfAttn(LN_1(A)))` with `A = CrossAttn(LN_q(q), LN_f(values))`.
+    """
+
+    def __init__(self, hidden_size: int, num_levels: int, num_heads: int, num_points: int, layer_norm_eps: float):
+        super().__init__()
+        self.num_levels = num_levels
+        self.query_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.feat_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.norm1 = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.cross_attn = MMFuserDeformableAttention(hidden_size, num_heads, num_levels, num_points)
+        self.self_attn = MMFuserDeformableAttention(hidden_size, num_heads, 1, num_points)
+        # The originals call these `gamma1`/`gamma2`; loaders rename "gamma" keys, so they get neutral names.
+        self.cross_attn_scale = nn.Parameter(torch.zeros(hidden_size))
+        self.self_attn_scale = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, query: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        """`query`: `(batch, tokens, hidden)`; `values`: `num_levels` tensors `(batch, tokens_l, hidden)`."""
+        spatial_shapes = [(side, side) for side in (square_grid_side(v.shape[1], "value layer") for v in values)]
+        query_side = square_grid_side(query.shape[1], "query layer")
+        reference_points = grid_reference_points(query_side, query.device)
+        attended = self.cross_attn(
+            self.query_norm(query), reference_points, self.feat_norm(torch.cat(values, dim=1)), spatial_shapes
+        )
+        attended_norm = self.norm1(attended)
+        refined = self.self_attn(attended_norm, reference_points, attended_norm, [(query_side, query_side)])
+        attended = attended + self.self_attn_scale * refined
+        return query + self.cross_attn_scale * attended
+
+
+class MMFuserProjector(LlavaMultiLayerMLPProjector):
+    """`mmfuser` fuser: the MMFuser block over the selected layers, then the MLP projector.
+
+    `vision_feature_layer[-1]` is the query layer, the other entries are the value levels in order.
+    """
+
+    def __init__(self, config: LlavaMultiLayerConfig):
+        super().__init__(config, config.vision_config.hidden_size)
+        self.layers = config.vision_feature_layer
+        self.strategy = config.vision_feature_select_strategy
+        self.fuser = MMFuserBlock(
+            hidden_size=config.vision_config.hidden_size,
+            num_levels=len(self.layers) - 1,
+            num_heads=config.mmfuser_num_heads,
+            num_points=config.mmfuser_num_points,
+            layer_norm_eps=config.mmfuser_layer_norm_eps,
+        )
+
+    def fuse(self, vision_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The MMFuser block output, `(num_images, tokens, vision_hidden)`, in the vision tower's dtype."""
+        selected = [select_vision_feature(vision_hidden_states, layer, self.strategy) for layer in self.layers]
+        return self.fuser(selected[-1], selected[:-1])
+
+    def forward(self, vision_hidden_states: tuple[torch.Tensor, ...], **kwargs) -> FusionOutput:
+        return FusionOutput(self.project(self.fuse(vision_hidden_states)))
+
+
+def init_deformable_attention(module: MMFuserDeformableAttention) -> None:
+    """Deformable-DETR's initialisation: zero offsets/weights, a star-shaped offset bias, xavier projections."""
+    init.zeros_(module.sampling_offsets.weight)
+    thetas = torch.arange(module.num_heads, dtype=torch.float32) * (2.0 * math.pi / module.num_heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+    grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(module.num_heads, 1, 1, 2)
+    grid = grid.repeat(1, module.num_levels, module.num_points, 1)
+    grid = grid * torch.arange(1, module.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+    init.copy_(module.sampling_offsets.bias, grid.view(-1))
+    init.zeros_(module.attention_weights.weight)
+    init.zeros_(module.attention_weights.bias)
+    init.xavier_uniform_(module.value_proj.weight)
+    init.zeros_(module.value_proj.bias)
+    init.xavier_uniform_(module.output_proj.weight)
+    init.zeros_(module.output_proj.bias)
+
+
+__all__ = ["MMFuserBlock", "MMFuserDeformableAttention", "MMFuserProjector", "init_deformable_attention"]

@@ -1,0 +1,136 @@
+# Copyright 2026 The llava-multilayer authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""IGVA's instruction-guided fusion of layer groups (arXiv 2501.08443) and its sentence encoder."""
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig
+
+from .configuration_llava_multilayer import LlavaMultiLayerConfig
+from .projection_llava_multilayer import FusionOutput, LlavaMultiLayerMLPProjector
+
+
+class InstructionEncoder(nn.Module):
+    """A sentence encoder built from transformers classes, as sentence-transformers' all-mpnet-base-v2 is defined:
+    the encoder model, mean pooling over the attended tokens, L2 normalisation. It is frozen.
+    """
+
+    def __init__(self, config: PreTrainedConfig):
+        super().__init__()
+        self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        self.requires_grad_(False)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, length)` ids and mask -> unit-norm embeddings `(batch, hidden)`."""
+        token_embeddings = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
+        pooled = (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, p=2, dim=1)
+
+
+class InstructionGuidedAggregatorBlock(nn.Module):
+    """One block of the weight allocator: the query attends to the group CLS vectors, post-norm residuals, ReLU FFN."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.cross_attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.ffn = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size))
+        self.norm2 = nn.LayerNorm(hidden_size)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`query`: `(batch, 1, hidden)`, `keys`: `(batch, groups, hidden)` -> `(batch, 1, hidden)`."""
+        attended, _ = self.cross_attention(query, keys, keys, need_weights=False)
+        hidden = self.norm1(attended + query)
+        return self.norm2(self.ffn(hidden) + hidden)
+
+
+class InstructionGuidedAggregator(nn.Module):
+    """IGVA's weight allocator: one query (the instruction embedding) attends to the K group CLS vectors through
+    a stack of blocks; a linear head and a softmax give one weight per group.
+    """
+
+    def __init__(self, vision_hidden_size: int, instruction_hidden_size: int, config: LlavaMultiLayerConfig):
+        super().__init__()
+        hidden_size = config.igva_hidden_size
+        self.sentence_proj = nn.Linear(instruction_hidden_size, hidden_size)
+        self.cls_proj = nn.Linear(vision_hidden_size, hidden_size)
+        self.blocks = nn.ModuleList(
+            [InstructionGuidedAggregatorBlock(hidden_size, config.igva_num_heads) for _ in range(config.igva_num_blocks)]
+        )
+        self.linear = nn.Linear(hidden_size, len(config.igva_layer_groups))
+
+    def forward(self, group_cls: torch.Tensor, instruction_embeds: torch.Tensor) -> torch.Tensor:
+        """`group_cls`: `(batch, groups, vision_hidden)`, `instruction_embeds`: `(batch, instruction_hidden)` ->
+        softmax weights `(batch, groups)`."""
+        query = self.sentence_proj(instruction_embeds)[:, None]
+        keys = self.cls_proj(group_cls)
+        for block in self.blocks:
+            query = block(query, keys)
+        return self.linear(query).softmax(-1).squeeze(1)
+
+
+class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
+    """`igva` fuser: `MLP(concat([base patches, sum_g w_g * group_patches_g]))`, weights from the instruction.
+
+    Each group's hidden states are averaged (CLS included); with `igva_aggregate_by_average` the groups are
+    averaged uniformly and no instruction is needed.
+    """
+
+    def __init__(self, config: LlavaMultiLayerConfig):
+        super().__init__(config, 2 * config.vision_config.hidden_size)
+        self.base_layer = config.vision_feature_layer
+        self.layer_groups = config.igva_layer_groups
+        self.aggregate_by_average = config.igva_aggregate_by_average
+        if self.aggregate_by_average:
+            self.aggregator = None
+        else:
+            self.aggregator = InstructionGuidedAggregator(
+                config.vision_config.hidden_size, config.instruction_encoder_config.hidden_size, config
+            )
+
+    def fuse(
+        self, vision_hidden_states: tuple[torch.Tensor, ...], instruction_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the concatenated `(num_images, tokens, 2 * vision_hidden)` features and the group weights."""
+        groups = torch.stack(
+            [torch.stack([vision_hidden_states[i] for i in group]).mean(0) for group in self.layer_groups], dim=1
+        )  # (num_images, groups, 1 + tokens, vision_hidden)
+        if self.aggregate_by_average:
+            weights = groups.new_full(groups.shape[:2], 1.0 / groups.shape[1])
+        else:
+            if instruction_embeds is None:
+                raise ValueError(
+                    "This instruction-guided (igva) model needs the instruction: pass `instructions=[...]` to the "
+                    "processor (or `instruction_input_ids`/`instruction_attention_mask`, or `instruction_embeds`, "
+                    "to the model)."
+                )
+            weights = self.aggregator(groups[:, :, 0], instruction_embeds.to(groups.dtype))
+        fused = (weights[:, :, None, None] * groups[:, :, 1:]).sum(1)
+        base = vision_hidden_states[self.base_layer][:, 1:]
+        return torch.cat([base, fused], dim=-1), weights
+
+    def forward(
+        self, vision_hidden_states: tuple[torch.Tensor, ...], instruction_embeds: torch.Tensor | None = None, **kwargs
+    ) -> FusionOutput:
+        features, weights = self.fuse(vision_hidden_states, instruction_embeds)
+        return FusionOutput(self.project(features), fusion_weights=weights)
+
+
+__all__ = [
+    "InstructionEncoder",
+    "InstructionGuidedAggregator",
+    "InstructionGuidedAggregatorBlock",
+    "InstructionGuidedProjector",
+]

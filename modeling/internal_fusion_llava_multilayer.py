@@ -1,0 +1,234 @@
+# Copyright 2026 The llava-multilayer authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Internal fusion: visual features injected into chosen decoder layers of the language model.
+
+Layer_Select_Fuse (arXiv 2503.06063) studies two forms, both implemented here as wrappers around transformers' own
+decoder layers. A wrapper adopts the wrapped layer's sub-modules (so parameter names stay those of the language
+model) and reuses its `forward` where the residual structure allows it:
+
+- `FeatureInjectionDecoderLayer` (I_D, `internal_fusion_type="add"`): the projected features are added to the
+  image-token positions of the hidden state entering the layer, at prefill only.
+- `CrossAttentionFusionDecoderLayer` (I_M, `internal_fusion_type="cross_attention"`): a gated cross-attention to the
+  projected features plus a gated MLP; its keys/values are computed once at prefill and kept in the cache.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+CROSS_CACHE_ATTRIBUTE = "llava_multilayer_cross_key_values"
+
+
+@dataclass
+class InternalFusionInputs:
+    """Visual inputs of one internal-fusion layer for the current forward.
+
+    Args:
+        features (`torch.Tensor` of shape `(batch, num_visual_tokens, hidden)`):
+            For `add`: the features of every image, flattened in image order as `(num_images * tokens, hidden)`.
+            For `cross_attention`: each row's images concatenated, padded to the longest row.
+        feature_mask (`torch.Tensor` of shape `(batch, num_visual_tokens)`, *optional*):
+            `cross_attention` only: `True` where `features` holds a real visual token.
+        image_token_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*):
+            `add` only: `True` at the image-token positions of the sequence.
+    """
+
+    features: torch.Tensor
+    feature_mask: torch.Tensor | None = None
+    image_token_mask: torch.Tensor | None = None
+
+
+class InternalFusionDecoderLayer(GradientCheckpointingLayer):
+    """Base of the internal-fusion wrappers: adopts a decoder layer's modules and attributes."""
+
+    def __init__(self, decoder_layer: nn.Module, layer_idx: int):
+        super().__init__()
+        for name, value in vars(decoder_layer).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        for name, child in decoder_layer.named_children():
+            self.add_module(name, child)
+        self.layer_idx = layer_idx
+        self.decoder_layer_class = type(decoder_layer)
+        self.fusion_inputs: InternalFusionInputs | None = None
+
+    def decoder_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The wrapped decoder layer's own forward, run on the adopted modules."""
+        return self.decoder_layer_class.forward(self, hidden_states, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        # Bind the visual inputs here, before `forward` is (optionally) checkpointed, so a recompute sees them too.
+        return super().__call__(*args, fusion_inputs=self.fusion_inputs, **kwargs)
+
+
+class FeatureInjectionDecoderLayer(InternalFusionDecoderLayer):
+    """I_D: `hidden[image positions] += features` before the decoder layer, at prefill (no gate, no norm)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, fusion_inputs=None, **kwargs) -> torch.Tensor:
+        if fusion_inputs is not None:
+            mask = fusion_inputs.image_token_mask.unsqueeze(-1).to(hidden_states.device)
+            features = fusion_inputs.features.to(hidden_states.device, hidden_states.dtype)
+            hidden_states = hidden_states + torch.zeros_like(hidden_states).masked_scatter(mask, features)
+        return self.decoder_forward(hidden_states, *args, **kwargs)
+
+
+class FusionCrossAttention(nn.Module):
+    """Multi-head cross-attention from text positions to visual tokens: no RoPE, no bias, softmax in float32.
+
+    A query at sequence position `p` sees visual token `j` only if `j <= p` (Layer_Select_Fuse slices the causal
+    self-attention mask to its first columns; positions past the image see every visual token).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def key_values(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(batch, tokens, hidden)` -> keys and values `(batch, heads, tokens, head_dim)`."""
+        batch_size, num_tokens, _ = features.shape
+        shape = (batch_size, num_tokens, self.num_heads, self.head_dim)
+        return self.k_proj(features).view(shape).transpose(1, 2), self.v_proj(features).view(shape).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        feature_mask: torch.Tensor,
+        position_ids: torch.LongTensor,
+    ) -> torch.Tensor:
+        """`hidden_states`: `(batch, seq, hidden)`; `feature_mask`: `(batch, tokens)`; `position_ids`: `(batch or 1,
+        seq)`. Returns `(batch, seq, hidden)`."""
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        token_index = torch.arange(keys.shape[2], device=hidden_states.device)
+        allowed = token_index[None, None, :] <= position_ids.to(hidden_states.device)[:, :, None]
+        allowed = allowed & feature_mask.to(hidden_states.device)[:, None, :]
+        scores = torch.matmul(query, keys.transpose(2, 3)) * self.head_dim**-0.5
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        probs = scores.float().softmax(-1).to(query.dtype)
+        probs = probs.masked_fill(~allowed.any(-1)[:, None, :, None], 0.0)
+        output = torch.matmul(probs, values).transpose(1, 2).reshape(batch_size, seq_len, hidden_size)
+        return self.o_proj(output)
+
+
+class CrossAttentionFusionDecoderLayer(InternalFusionDecoderLayer):
+    """I_M: a decoder layer with a gated cross-attention to visual features and a gated MLP.
+
+    Placements (`internal_fusion_placement`), with `n = input_layernorm(x)` and gates `tanh(g)`:
+
+    - `pre_cross` (Layer_Select_Fuse's code): `h = n + g_a * CA(n)`, `h = h + g_m * XMLP(h)`, `h3 = x + SA(h)`,
+      `h4 = post_attention_layernorm(h3)`, `out = h4 + MLP(h4)`. Note the residuals from normed values: the layer
+      differs from the plain decoder layer even with closed gates.
+    - `post_cross`: `h = Layer(x)`, `h = h + g_a * CA(N_a(h))`, `out = h + g_m * XMLP(N_m(h))`.
+    - `parallel`: `h = x + SA(n) + g_a * CA(n)`, `h = h + g_m * XMLP(N_m(h))`, `out = h + MLP(post_norm(h))`.
+
+    `post_cross` and `parallel` equal the plain decoder layer while both gates are zero.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, layer_idx: int, text_config: PreTrainedConfig, placement: str):
+        super().__init__(decoder_layer, layer_idx)
+        self.placement = placement
+        hidden_size = text_config.hidden_size
+        self.cross_attn = FusionCrossAttention(hidden_size, text_config.num_attention_heads)
+        self.cross_attn_gate = nn.Parameter(torch.zeros(1))
+        self.cross_mlp = type(decoder_layer.mlp)(text_config)
+        self.cross_mlp_gate = nn.Parameter(torch.zeros(1))
+        norm_class = type(decoder_layer.input_layernorm)
+        eps = getattr(text_config, "rms_norm_eps", 1e-6)
+        if placement == "post_cross":
+            self.cross_attn_norm = norm_class(hidden_size, eps=eps)
+        if placement in ("post_cross", "parallel"):
+            self.cross_mlp_norm = norm_class(hidden_size, eps=eps)
+
+    def _cross_key_values(self, fusion_inputs: InternalFusionInputs | None, past_key_values: Cache | None):
+        """Keys, values and mask of the visual tokens: computed at prefill, then read from the cache."""
+        cached = getattr(past_key_values, CROSS_CACHE_ATTRIBUTE, None) if past_key_values is not None else None
+        if fusion_inputs is None:
+            return None if cached is None else cached.get(self.layer_idx)
+        keys, values = self.cross_attn.key_values(fusion_inputs.features)
+        entry = (keys, values, fusion_inputs.feature_mask)
+        if past_key_values is not None:
+            if cached is None:
+                cached = {}
+                setattr(past_key_values, CROSS_CACHE_ATTRIBUTE, cached)
+            cached[self.layer_idx] = entry
+        return entry
+
+    def _gated_cross_attention(self, hidden_states, cross_entry, position_ids):
+        if cross_entry is None:
+            return torch.zeros_like(hidden_states)
+        keys, values, feature_mask = cross_entry
+        attended = self.cross_attn(hidden_states, keys, values, feature_mask, position_ids)
+        return self.cross_attn_gate.tanh() * attended
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fusion_inputs: InternalFusionInputs | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if position_ids is None:
+            raise ValueError("Cross-attention fusion needs the `position_ids` the language model passes its layers.")
+        cross_entry = self._cross_key_values(fusion_inputs, past_key_values)
+        attention_kwargs = {
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+            "position_embeddings": position_embeddings,
+            **kwargs,
+        }
+        if self.placement == "post_cross":
+            hidden_states = self.decoder_forward(hidden_states, **attention_kwargs)
+            hidden_states = hidden_states + self._gated_cross_attention(
+                self.cross_attn_norm(hidden_states), cross_entry, position_ids
+            )
+            return hidden_states + self.cross_mlp_gate.tanh() * self.cross_mlp(self.cross_mlp_norm(hidden_states))
+
+        normed = self.input_layernorm(hidden_states)
+        if self.placement == "pre_cross":
+            fused = normed + self._gated_cross_attention(normed, cross_entry, position_ids)
+            fused = fused + self.cross_mlp_gate.tanh() * self.cross_mlp(fused)
+            attended, _ = self.self_attn(hidden_states=fused, **attention_kwargs)
+            hidden_states = self.post_attention_layernorm(hidden_states + attended)
+            return hidden_states + self.mlp(hidden_states)
+
+        attended, _ = self.self_attn(hidden_states=normed, **attention_kwargs)
+        hidden_states = hidden_states + attended + self._gated_cross_attention(normed, cross_entry, position_ids)
+        hidden_states = hidden_states + self.cross_mlp_gate.tanh() * self.cross_mlp(self.cross_mlp_norm(hidden_states))
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+__all__ = [
+    "CrossAttentionFusionDecoderLayer",
+    "FeatureInjectionDecoderLayer",
+    "FusionCrossAttention",
+    "InternalFusionDecoderLayer",
+    "InternalFusionInputs",
+]

@@ -1,0 +1,480 @@
+# Copyright 2026 The llava-multilayer authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PyTorch LLaVA with multi-layer visual feature fusion (MMFuser, Layer_Select_Fuse, IGVA)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
+
+from .configuration_llava_multilayer import LlavaMultiLayerConfig
+from .deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserDeformableAttention, MMFuserProjector, init_deformable_attention
+from .instruction_guided_fusion_llava_multilayer import InstructionEncoder, InstructionGuidedProjector
+from .internal_fusion_llava_multilayer import (
+    CrossAttentionFusionDecoderLayer,
+    FeatureInjectionDecoderLayer,
+    InternalFusionDecoderLayer,
+    InternalFusionInputs,
+)
+from .projection_llava_multilayer import (
+    ConcatProjector,
+    LlavaMultiLayerMLPProjector,
+    SingleLayerProjector,
+    select_vision_feature,
+)
+
+PROJECTOR_CLASSES = {
+    "single": SingleLayerProjector,
+    "concat": ConcatProjector,
+    "mmfuser": MMFuserProjector,
+    "igva": InstructionGuidedProjector,
+}
+
+
+@dataclass
+class LlavaMultiLayerImageFeaturesOutput(ModelOutput):
+    r"""
+    image_features (`torch.Tensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
+        Visual tokens spliced at the image-token positions (the external fuser's output).
+    internal_image_features (`tuple(torch.Tensor)`, *optional*):
+        One `(num_images, num_image_tokens, text_hidden_size)` tensor per internal feature layer.
+    fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
+        Weights of the layer groups chosen by the instruction (`igva` only).
+    last_hidden_state (`torch.Tensor`, *optional*):
+        Last hidden state of the vision tower.
+    """
+
+    image_features: torch.Tensor | None = None
+    internal_image_features: tuple[torch.Tensor, ...] | None = None
+    fusion_weights: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class LlavaMultiLayerModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.Tensor`, *optional*):
+        `(num_images, num_image_tokens, text_hidden_size)` visual tokens spliced into the sequence.
+    fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
+        Weights of the layer groups chosen by the instruction (`igva` only).
+    """
+
+    image_hidden_states: torch.Tensor | None = None
+    fusion_weights: torch.Tensor | None = None
+
+
+@dataclass
+class LlavaMultiLayerCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.Tensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+        Language modeling loss (for next-token prediction).
+    logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Prediction scores of the language modeling head.
+    past_key_values (`Cache`, *optional*):
+        The key/value cache (including the cross-attention keys/values of internal fusion layers).
+    image_hidden_states (`torch.Tensor`, *optional*):
+        `(num_images, num_image_tokens, text_hidden_size)` visual tokens spliced into the sequence.
+    fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
+        Weights of the layer groups chosen by the instruction (`igva` only).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    fusion_weights: torch.Tensor | None = None
+
+
+class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
+    config: LlavaMultiLayerConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = [
+        "SingleLayerProjector",
+        "ConcatProjector",
+        "MMFuserProjector",
+        "InstructionGuidedProjector",
+        "LlavaMultiLayerMLPProjector",
+        "InstructionEncoder",
+        "FeatureInjectionDecoderLayer",
+        "CrossAttentionFusionDecoderLayer",
+    ]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Only the saved class's Auto class is written to `auto_map`; name the base model too, so that the
+        # checkpoint also loads with `AutoModel` as remote code.
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_llava_multilayer.LlavaMultiLayerModel",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MMFuserDeformableAttention):
+            init_deformable_attention(module)
+        elif isinstance(module, MMFuserBlock):
+            init.zeros_(module.cross_attn_scale)
+            init.zeros_(module.self_attn_scale)
+        elif isinstance(module, CrossAttentionFusionDecoderLayer):
+            init.zeros_(module.cross_attn_gate)
+            init.zeros_(module.cross_mlp_gate)
+
+
+class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
+    """Vision tower, fuser(s) and language model, without a language modeling head."""
+
+    def __init__(self, config: LlavaMultiLayerConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = PROJECTOR_CLASSES[config.fusion_type](config)
+        self.instruction_encoder = None
+        if config.fusion_type == "igva" and not config.igva_aggregate_by_average:
+            self.instruction_encoder = InstructionEncoder(config.instruction_encoder_config)
+        self.internal_projectors = None
+        if config.internal_fusion_type is not None:
+            self.internal_projectors = nn.ModuleList(
+                LlavaMultiLayerMLPProjector(config, config.vision_config.hidden_size)
+                for _ in config.internal_feature_layers
+            )
+        self.language_model = AutoModel.from_config(config.text_config)
+        if config.internal_fusion_type is not None:
+            self._wrap_internal_fusion_layers()
+        self.post_init()
+
+    def _wrap_internal_fusion_layers(self) -> None:
+        layers = getattr(self.language_model, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"Internal fusion needs a language model with a `layers` ModuleList of decoder layers; "
+                f"{type(self.language_model).__name__} has none."
+            )
+        for layer_idx in self.config.internal_layer_to_feature:
+            if self.config.internal_fusion_type == "add":
+                layers[layer_idx] = FeatureInjectionDecoderLayer(layers[layer_idx], layer_idx)
+            else:
+                layers[layer_idx] = CrossAttentionFusionDecoderLayer(
+                    layers[layer_idx], layer_idx, self.config.text_config, self.config.internal_fusion_placement
+                )
+
+    @property
+    def internal_fusion_layers(self) -> list[InternalFusionDecoderLayer]:
+        """The decoder layers that receive internal visual features."""
+        if self.config.internal_fusion_type is None:
+            return []
+        return [layer for layer in self.language_model.layers if isinstance(layer, InternalFusionDecoderLayer)]
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_instruction_embeds(
+        self, instruction_input_ids: torch.LongTensor, instruction_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embeds tokenized instructions with the frozen instruction encoder: `(num_images, encoder_hidden)`."""
+        if self.instruction_encoder is None:
+            raise ValueError("This model has no instruction encoder (only `igva` models with an aggregator have one).")
+        if instruction_attention_mask is None:
+            instruction_attention_mask = torch.ones_like(instruction_input_ids)
+        return self.instruction_encoder(instruction_input_ids, instruction_attention_mask)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        vision_config = self.config.vision_config
+        expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"`pixel_values` must have shape (num_images, {expected[0]}, {expected[1]}, {expected[2]}) for this "
+                f"vision tower, got {tuple(pixel_values.shape)}. Prepare images with the model's processor."
+            )
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        instruction_embeds: torch.Tensor | None = None,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> LlavaMultiLayerImageFeaturesOutput:
+        """Runs the vision tower and the fuser(s) on `(num_images, channels, height, width)` pixel values.
+
+        `instruction_*` (one row per image) are only used by instruction-guided (`igva`) fusion; pass either the
+        tokenized instruction or precomputed `instruction_embeds`.
+        """
+        self._check_pixel_values(pixel_values)
+        vision_outputs = self.vision_tower(
+            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
+        )
+        hidden_states = vision_outputs.hidden_states
+        if instruction_embeds is None and instruction_input_ids is not None:
+            instruction_embeds = self.get_instruction_embeds(instruction_input_ids, instruction_attention_mask)
+        if instruction_embeds is not None and instruction_embeds.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"Got {instruction_embeds.shape[0]} instructions for {pixel_values.shape[0]} images: instruction-guided "
+                "fusion needs exactly one instruction per image."
+            )
+        fusion = self.multi_modal_projector(hidden_states, instruction_embeds=instruction_embeds)
+        internal_features = None
+        if self.internal_projectors is not None:
+            strategy = self.config.vision_feature_select_strategy
+            internal_features = tuple(
+                projector(select_vision_feature(hidden_states, layer, strategy))
+                for projector, layer in zip(self.internal_projectors, self.config.internal_feature_layers)
+            )
+        return LlavaMultiLayerImageFeaturesOutput(
+            image_features=fusion.image_features,
+            internal_image_features=internal_features,
+            fusion_weights=fusion.fusion_weights,
+            last_hidden_state=vision_outputs.last_hidden_state,
+        )
+
+    def _image_token_mask(self, input_ids, inputs_embeds):
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        if self.config.image_token_id >= self.config.text_config.vocab_size:
+            raise ValueError(
+                "The image token lies outside the language model's vocabulary, so image positions cannot be found "
+                "from `inputs_embeds`: pass `input_ids` together with `pixel_values`."
+            )
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def _set_internal_fusion_inputs(self, image_features, image_token_mask) -> None:
+        layers = self.internal_fusion_layers
+        if image_features is None:
+            for layer in layers:
+                layer.fusion_inputs = None
+            return
+        features = image_features.internal_image_features
+        layer_to_feature = self.config.internal_layer_to_feature
+        if self.config.internal_fusion_type == "add":
+            for layer in layers:
+                feature = features[layer_to_feature[layer.layer_idx]]
+                layer.fusion_inputs = InternalFusionInputs(
+                    feature.reshape(-1, feature.shape[-1]), image_token_mask=image_token_mask
+                )
+            return
+        num_tokens = image_features.image_features.shape[1]
+        images_per_row = (image_token_mask.sum(-1) // num_tokens).tolist()
+        max_images = max(images_per_row)
+        batch_size = image_token_mask.shape[0]
+        feature_mask = torch.zeros(batch_size, max(max_images, 1) * num_tokens, dtype=torch.bool)
+        for row, count in enumerate(images_per_row):
+            feature_mask[row, : count * num_tokens] = True
+        feature_mask = feature_mask.to(image_token_mask.device)
+        for layer in layers:
+            feature = features[layer_to_feature[layer.layer_idx]]
+            per_row = feature.new_zeros(batch_size, feature_mask.shape[1], feature.shape[-1])
+            per_row[feature_mask] = feature.reshape(-1, feature.shape[-1])
+            layer.fusion_inputs = InternalFusionInputs(per_row, feature_mask=feature_mask)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        instruction_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> LlavaMultiLayerModelOutputWithPast:
+        r"""
+        instruction_input_ids (`torch.LongTensor` of shape `(num_images, instruction_length)`, *optional*):
+            The instruction tokenized by the instruction encoder's tokenizer (`igva`; the processor makes them).
+        instruction_attention_mask (`torch.Tensor` of shape `(num_images, instruction_length)`, *optional*):
+            Mask of `instruction_input_ids`.
+        instruction_embeds (`torch.Tensor` of shape `(num_images, encoder_hidden)`, *optional*):
+            Precomputed instruction embeddings, instead of `instruction_input_ids`.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        image_token_mask = None
+        if input_ids is not None:
+            image_token_mask = input_ids == self.config.image_token_id
+            if self.config.image_token_id >= self.get_input_embeddings().num_embeddings:
+                # The image token lies outside the vocabulary: its positions are overwritten below.
+                input_ids = input_ids.masked_fill(image_token_mask, 0)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            if image_token_mask is None:
+                image_token_mask = self._image_token_mask(input_ids, inputs_embeds)
+            image_features = self.get_image_features(
+                pixel_values,
+                instruction_embeds=instruction_embeds,
+                instruction_input_ids=instruction_input_ids,
+                instruction_attention_mask=instruction_attention_mask,
+            )
+            features = image_features.image_features
+            num_images, num_tokens = features.shape[:2]
+            if image_token_mask.sum() != num_images * num_tokens:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the prompts hold {int(image_token_mask.sum())} "
+                    f"image tokens, but {num_images} image(s) x {num_tokens} tokens were computed. Each image needs "
+                    "exactly one `<image>` in the text; prepare inputs with the model's processor."
+                )
+            mask = image_token_mask.unsqueeze(-1).to(inputs_embeds.device)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
+        elif image_token_mask is not None and image_token_mask.any():
+            if past_key_values is None or past_key_values.get_seq_length() == 0:
+                raise ValueError(
+                    "The prompts contain image tokens but no `pixel_values` were given: pass the images too."
+                )
+
+        self._set_internal_fusion_inputs(image_features, image_token_mask)
+        try:
+            outputs = self.language_model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        finally:
+            self._set_internal_fusion_inputs(None, None)
+
+        return LlavaMultiLayerModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features.image_features if image_features is not None else None,
+            fusion_weights=image_features.fusion_weights if image_features is not None else None,
+        )
+
+
+class LlavaMultiLayerForConditionalGeneration(LlavaMultiLayerPreTrainedModel, GenerationMixin):
+    """The multi-layer fusion LLaVA model with a language modeling head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: LlavaMultiLayerConfig):
+        super().__init__(config)
+        self.model = LlavaMultiLayerModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> LlavaMultiLayerImageFeaturesOutput:
+        """See [`LlavaMultiLayerModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        instruction_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LlavaMultiLayerCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Labels for the language modeling loss; `-100` positions (image tokens, prompts) are ignored.
+
+        Example:
+
+        ```python
+        >>> from PIL import Image
+        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+        >>> import llava_multilayer  # registers the model family
+
+        >>> model = AutoModelForImageTextToText.from_pretrained("path/to/converted")
+        >>> processor = AutoProcessor.from_pretrained("path/to/converted")
+        >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+        >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        >>> inputs = processor(images=Image.open("image.png"), text=prompt, return_tensors="pt")
+        >>> output = model.generate(**inputs, max_new_tokens=32)
+        ```"""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            instruction_input_ids=instruction_input_ids,
+            instruction_attention_mask=instruction_attention_mask,
+            instruction_embeds=instruction_embeds,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return LlavaMultiLayerCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            fusion_weights=outputs.fusion_weights,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("instruction_input_ids", "instruction_attention_mask", "instruction_embeds"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+
+__all__ = [
+    "LlavaMultiLayerForConditionalGeneration",
+    "LlavaMultiLayerModel",
+    "LlavaMultiLayerPreTrainedModel",
+]

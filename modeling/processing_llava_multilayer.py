@@ -1,0 +1,319 @@
+# Copyright 2026 The llava-multilayer authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Processor of LLaVA models with multi-layer visual feature fusion."""
+
+import numpy as np
+from transformers import ProcessorMixin
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import make_flat_list_of_images
+from transformers.utils import cached_file
+
+VICUNA_V1_SYSTEM_MESSAGE = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# LLaVA-1.5's `vicuna_v1` conversation (separator style TWO, sep " ", sep2 "</s>"), used by MMFuser,
+# Layer_Select_Fuse and IGVA: "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- set system_message = '" + VICUNA_V1_SYSTEM_MESSAGE.replace("'", "\\'") + "' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set system_message = messages[0]['content'] -%}"
+    "{%- else -%}{%- set system_message = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{- system_message + ' ' -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    "{%- endif -%}{{- ' ' -}}"
+    "{%- else -%}{{- 'ASSISTANT: ' -}}{% generation %}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    "{%- endif -%}{{- '</s>' -}}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+_TOKENIZER_CALL_KWARGS = ("padding", "padding_side", "pad_to_multiple_of", "return_attention_mask")
+_IGNORED_KWARGS = ("videos", "audio", "sanitize_control_tokens", "return_mm_token_type_ids")
+
+
+class LlavaMultiLayerProcessor(ProcessorMixin):
+    r"""
+    Image processor + tokenizer of a multi-layer fusion LLaVA model.
+
+    It pads images to a square with the mean colour (LLaVA-1.5's `image_aspect_ratio="pad"`, via the image processor's
+    `do_pad`), expands each `<image>` into the number of visual tokens the model splices in, and tokenizes the text
+    around each `<image>` separately, exactly as the original codebases' `tokenizer_image_token` does (so a
+    SentencePiece tokenizer's word-start marker after the image is kept). The default chat template reproduces the
+    `vicuna_v1` conversation format the original models were trained with.
+
+    Args:
+        image_processor ([`LlavaImageProcessorPil`] or any image processor):
+            Prepares images; set `do_pad=True` for LLaVA-1.5's pad-to-square.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            The language model's tokenizer; it must contain the image token.
+        patch_size (`int`):
+            Patch size of the vision tower.
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            `"default"` drops the first vision token (must match the model config).
+        chat_template (`str`, *optional*):
+            Jinja chat template; defaults to `vicuna_v1`.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The image placeholder in prompts.
+        num_additional_image_tokens (`int`, *optional*, defaults to 0):
+            Extra tokens the vision tower emits besides patches (1 for CLIP's CLS).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy="default",
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        **kwargs,
+    ):
+        if tokenizer is not None and tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
+            raise ValueError(
+                f"The tokenizer has no {image_token!r} token. Add it first: `tokenizer.add_tokens(AddedToken("
+                f"{image_token!r}, special=True, normalized=False), special_tokens=True)`."
+            )
+        self.patch_size = patch_size
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.num_additional_image_tokens = num_additional_image_tokens
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
+        if chat_template is None:
+            chat_template = VICUNA_V1_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # Instruction-guided (IGVA) checkpoints ship a second tokenizer; load them with the processor that uses it.
+        if cls is LlavaMultiLayerProcessor and _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs):
+            return LlavaMultiLayerInstructionProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Number of visual tokens for a preprocessed image of `height x width` pixels."""
+        if not self.patch_size:
+            raise ValueError("The processor needs `patch_size` to count image tokens.")
+        count = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
+        return count - 1 if self.vision_feature_select_strategy == "default" else count
+
+    def _tokenize_prompt(self, prompt: str, num_tokens_per_image: list[int], add_special_tokens: bool) -> list[int]:
+        chunks = prompt.split(self.image_token)
+        input_ids = self.tokenizer(chunks[0], add_special_tokens=add_special_tokens)["input_ids"]
+        bos_token_id = self.tokenizer.bos_token_id
+        for num_tokens, chunk in zip(num_tokens_per_image, chunks[1:]):
+            chunk_ids = self.tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"]
+            if add_special_tokens and bos_token_id is not None and chunk_ids[:1] == [bos_token_id]:
+                chunk_ids = chunk_ids[1:]
+            input_ids += [self.image_token_id] * num_tokens + chunk_ids
+        return input_ids
+
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+        """
+        Prepares `pixel_values`, `input_ids` and `attention_mask`.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a (nested) list of them, *optional*):
+                The images, in the order of the `<image>` placeholders across all prompts.
+            text (`str` or `list[str]`):
+                The prompt(s); each `<image>` is expanded into the image's visual tokens.
+            return_tensors (`str`, *optional*): `"pt"`, `"np"` or `None`.
+            padding (`bool` or `str`, *optional*, defaults to `True`): pads a batch to its longest prompt.
+            padding_side (`str`, *optional*): `"left"` (for batched generation) or `"right"`.
+        """
+        for key in _IGNORED_KWARGS:
+            if kwargs.pop(key, None) is not None and key in ("videos", "audio"):
+                raise ValueError(f"{type(self).__name__} does not process {key}.")
+        if kwargs.pop("truncation", False):
+            raise ValueError("Truncation is not supported: it could cut through the image tokens.")
+        return_tensors = kwargs.pop("return_tensors", None)
+        add_special_tokens = kwargs.pop("add_special_tokens", True)
+        pad_kwargs = {key: kwargs.pop(key) for key in _TOKENIZER_CALL_KWARGS if key in kwargs}
+        pad_kwargs.setdefault("padding", True)
+        images_kwargs = kwargs.pop("images_kwargs", {})
+        kwargs.pop("text_kwargs", None)
+        extra = self._pop_extra_inputs(kwargs)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.__call__ got unexpected arguments: {sorted(kwargs)}.")
+
+        if text is None:
+            raise ValueError("`text` is required: pass the prompt(s), with one `<image>` per image.")
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}.")
+        for index, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"Prompt {index} is empty.")
+        counts = [prompt.count(self.image_token) for prompt in prompts]
+
+        flat_images = make_flat_list_of_images(images) if images is not None else []
+        if sum(counts) != len(flat_images):
+            raise ValueError(
+                f"The prompts contain {sum(counts)} {self.image_token!r} placeholder(s) (per prompt: {counts}) but "
+                f"{len(flat_images)} image(s) were given: pass exactly one image per placeholder."
+            )
+        data = {}
+        num_tokens = []
+        if flat_images:
+            for index, image in enumerate(flat_images):
+                size = getattr(image, "size", None) if not hasattr(image, "shape") else image.shape
+                if size is not None and 0 in tuple(size):
+                    raise ValueError(f"Image {index} is empty (size {tuple(size)}).")
+            pixel_values = self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs)[
+                "pixel_values"
+            ]
+            data["pixel_values"] = pixel_values
+            num_tokens = [self.num_image_tokens(*np.asarray(pv).shape[-2:]) for pv in pixel_values]
+
+        input_ids = []
+        start = 0
+        for prompt, count in zip(prompts, counts):
+            input_ids.append(self._tokenize_prompt(prompt, num_tokens[start : start + count], add_special_tokens))
+            start += count
+        encoded = self.tokenizer.pad({"input_ids": input_ids}, return_tensors=return_tensors, **pad_kwargs)
+        data.update(encoded)
+        data.update(self._process_extra_inputs(prompts, counts, extra, return_tensors))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _pop_extra_inputs(self, kwargs: dict) -> dict:
+        """Takes the processor-specific call arguments out of `kwargs` (none here)."""
+        return {}
+
+    def _process_extra_inputs(self, prompts, counts, extra, return_tensors) -> dict:
+        """Processor-specific outputs (none here)."""
+        return {}
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
+    r"""
+    Processor of instruction-guided (IGVA) models: also tokenizes the instruction with the instruction encoder's own
+    tokenizer (saved in the `instruction_tokenizer/` sub-folder).
+
+    Rule for the instruction: `instructions=[...]` gives one per prompt (used for every image of that prompt). When it
+    is omitted, the instruction is the text of the last user turn of each prompt (`vicuna_v1`: the text between the
+    last `USER:` and the following `ASSISTANT:`) without the image placeholders.
+
+    Args:
+        instruction_tokenizer ([`PreTrainedTokenizerBase`]):
+            Tokenizer of the instruction encoder (e.g. all-mpnet-base-v2's).
+        instruction_max_length (`int`, *optional*, defaults to 384):
+            Instructions are truncated to this many tokens (the encoder's `max_seq_length`).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        instruction_tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy="default",
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        instruction_max_length=384,
+        **kwargs,
+    ):
+        self.instruction_max_length = instruction_max_length
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            instruction_tokenizer=instruction_tokenizer,
+            **kwargs,
+        )
+
+    def __call__(self, images=None, text=None, instructions=None, **kwargs) -> BatchFeature:
+        """As [`LlavaMultiLayerProcessor.__call__`], plus `instructions` (`str` or `list[str]`, one per prompt),
+        tokenized into `instruction_input_ids` / `instruction_attention_mask` with one row per image."""
+        return super().__call__(images=images, text=text, instructions=instructions, **kwargs)
+
+    def _pop_extra_inputs(self, kwargs: dict) -> dict:
+        return {"instructions": kwargs.pop("instructions", None)}
+
+    def _process_extra_inputs(self, prompts, counts, extra, return_tensors) -> dict:
+        instructions = extra["instructions"]
+        if instructions is None:
+            instructions = [self.instruction_from_prompt(prompt) for prompt in prompts]
+        elif isinstance(instructions, str):
+            instructions = [instructions]
+        if len(instructions) != len(prompts):
+            raise ValueError(
+                f"Got {len(instructions)} instruction(s) for {len(prompts)} prompt(s): pass one instruction per prompt."
+            )
+        per_image = [instruction for instruction, count in zip(instructions, counts) for _ in range(count)]
+        if not per_image:
+            return {}
+        encoded = self.instruction_tokenizer(
+            per_image,
+            padding=True,
+            truncation=True,
+            max_length=self.instruction_max_length,
+            return_tensors=return_tensors,
+        )
+        return {
+            "instruction_input_ids": encoded["input_ids"],
+            "instruction_attention_mask": encoded["attention_mask"],
+        }
+
+    def instruction_from_prompt(self, prompt: str) -> str:
+        """The default instruction: the last user turn of a `vicuna_v1` prompt, without image placeholders."""
+        turn = prompt.rsplit("USER:", 1)[-1].split("ASSISTANT:", 1)[0]
+        instruction = turn.replace(self.image_token, "").strip()
+        if not instruction:
+            raise ValueError(
+                f"Could not find an instruction in the prompt {prompt!r}: pass `instructions=[...]` explicitly."
+            )
+        return instruction
+
+    @property
+    def model_input_names(self):
+        return super().model_input_names + ["instruction_input_ids", "instruction_attention_mask"]
+
+
+def _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs) -> bool:
+    resolved = cached_file(
+        pretrained_model_name_or_path,
+        "instruction_tokenizer/tokenizer_config.json",
+        cache_dir=kwargs.get("cache_dir"),
+        revision=kwargs.get("revision"),
+        local_files_only=kwargs.get("local_files_only", False),
+        token=kwargs.get("token"),
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return resolved is not None
+
+
+__all__ = ["LlavaMultiLayerInstructionProcessor", "LlavaMultiLayerProcessor", "VICUNA_V1_CHAT_TEMPLATE"]

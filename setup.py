@@ -1,0 +1,72 @@
+"""Packaging of llava-multilayer.
+
+The import package `llava_multilayer` is the flat directory `modeling/`: its modules travel as Hub remote code,
+which transformers only supports for one flat directory with single-dot relative imports. The other top-level
+directories are mapped to sub-packages.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+version = next(
+    line.split('"')[1] for line in (ROOT / "modeling" / "__init__.py").read_text().splitlines()
+    if line.startswith("__version__")
+)
+
+extras = {
+    "peft": ["peft>=0.17"],
+    "quantization": ["bitsandbytes>=0.45"],
+    "convert": ["sentencepiece>=0.2", "protobuf>=4"],
+}
+extras["test"] = sorted(
+    {*extras["peft"], *extras["quantization"], *extras["convert"], "pytest>=8", "hypothesis>=6"}
+)
+extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
+
+setup(
+    name="llava-multilayer",
+    version=version,
+    description="Multi-layer visual feature fusion (MMFuser, Layer_Select_Fuse, IGVA) for LLaVA models in transformers",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "llava_multilayer",
+        "llava_multilayer.configuration",
+        "llava_multilayer.conversion",
+        "llava_multilayer.commands",
+        "llava_multilayer.model_cards",
+    ],
+    package_dir={
+        "llava_multilayer": "modeling",
+        "llava_multilayer.configuration": "configuration",
+        "llava_multilayer.conversion": "conversion_scripts",
+        "llava_multilayer.commands": "commands",
+        "llava_multilayer.model_cards": "model_cards",
+    },
+    package_data={
+        "llava_multilayer.model_cards": ["*.md"],
+        "llava_multilayer.commands": ["demo_data/*", "demo_data/*/*"],
+    },
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "accelerate>=1.0",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": ["llava-multilayer=llava_multilayer.commands.cli:main"]},
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
