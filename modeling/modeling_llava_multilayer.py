@@ -39,6 +39,7 @@ from .projection_llava_multilayer import (
     SingleLayerProjector,
     select_vision_feature,
 )
+from .upcycling_llava_multilayer import upcycle_llava
 
 PROJECTOR_CLASSES = {
     "single": SingleLayerProjector,
@@ -388,6 +389,27 @@ class LlavaMultiLayerForConditionalGeneration(LlavaMultiLayerPreTrainedModel, Ge
         self.model = LlavaMultiLayerModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_llava(
+        cls, llava_model_or_path, fusion_type: str = "single", strict: bool = True, **fusion_kwargs
+    ) -> "LlavaMultiLayerForConditionalGeneration":
+        r"""
+        Builds a multi-layer fusion model from a trained [`LlavaForConditionalGeneration`] (or the directory / Hub id
+        it loads from): vision tower, language model, `lm_head` and projector are copied, and the new parts are
+        initialised so that the outputs equal the LLaVA model's until finetuning. Settings for which that is
+        impossible (e.g. internal cross-attention with `internal_fusion_placement="pre_cross"`) raise, unless
+        `strict=False`. See `upcycling_llava_multilayer.upcycle_llava` for the details and `fusion_kwargs`
+        (any [`LlavaMultiLayerConfig`] field, plus `instruction_encoder` for `igva`).
+
+        Example:
+
+        ```python
+        >>> model = LlavaMultiLayerForConditionalGeneration.from_llava(
+        ...     "llava-hf/llava-1.5-7b-hf", fusion_type="mmfuser", vision_feature_layer=[3, 8, 13, 18, -2]
+        ... )
+        ```"""
+        return upcycle_llava(cls, llava_model_or_path, fusion_type=fusion_type, strict=strict, **fusion_kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

@@ -1,0 +1,301 @@
+# Copyright 2026 The llava-multilayer authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Upcycling: a multi-layer fusion model built from a trained transformers LLaVA model.
+
+The vision tower, language model, `lm_head` and LLaVA's MLP projector are copied, and every new part is initialised
+so that the new model computes exactly what the LLaVA model computed, until finetuning moves it:
+
+| fusion | initialisation that keeps LLaVA's outputs |
+|---|---|
+| `single` | the projector is copied (the layer must be LLaVA's) |
+| `concat` | `linear_1` columns of LLaVA's layer(s) get LLaVA's weights, the columns of the extra layers are zero |
+| `mmfuser` | the query layer (last entry) is LLaVA's layer; both residual scales are zero: the block is the identity |
+| `igva` | the base layer is LLaVA's layer and the fused half of `linear_1`'s input columns is zero |
+| internal `add` | the internal projectors' `linear_2` is zero, so the injected features are zero |
+| internal `cross_attention`, `post_cross`/`parallel` | both gates are zero, so the layer is the plain decoder layer |
+
+Internal `cross_attention` with `internal_fusion_placement="pre_cross"` (Layer_Select_Fuse's own placement) cannot
+keep LLaVA's outputs: its self-attention residual starts from the *normed* hidden state even with closed gates.
+Such cases raise, unless `strict=False`, in which case they are built with a warning.
+"""
+
+import copy
+import os
+import warnings
+
+import torch
+from torch import nn
+from transformers import AutoModel, LlavaForConditionalGeneration, PreTrainedModel
+
+from .configuration_llava_multilayer import LlavaMultiLayerConfig
+from .processing_llava_multilayer import (
+    LlavaMultiLayerInstructionProcessor,
+    LlavaMultiLayerProcessor,
+    VICUNA_V1_CHAT_TEMPLATE,
+)
+
+# Config fields that are LLaVA's own and copied as they are.
+_LLAVA_CONFIG_FIELDS = (
+    "image_token_id",
+    "image_seq_length",
+    "projector_hidden_act",
+    "multimodal_projector_bias",
+    "vision_feature_select_strategy",
+    "tie_word_embeddings",
+)
+
+
+class UpcyclingError(ValueError):
+    """The requested fusion cannot start from the LLaVA model's outputs (raised with `strict=True`)."""
+
+
+def upcycle_llava(
+    model_class: type[PreTrainedModel],
+    llava_model_or_path: "LlavaForConditionalGeneration | str | os.PathLike",
+    fusion_type: str = "single",
+    strict: bool = True,
+    instruction_encoder: "PreTrainedModel | str | os.PathLike | None" = None,
+    **config_kwargs,
+) -> PreTrainedModel:
+    """Builds a `model_class` (a `LlavaMultiLayerForConditionalGeneration`) from a transformers LLaVA model.
+
+    Args:
+        model_class: The class to instantiate.
+        llava_model_or_path: A [`LlavaForConditionalGeneration`] or a directory / Hub id it loads from.
+        fusion_type: `"single"`, `"concat"`, `"mmfuser"` or `"igva"` (see [`LlavaMultiLayerConfig`]).
+        strict: Raise [`UpcyclingError`] when the new model cannot reproduce LLaVA's outputs; with `False`, build it
+            anyway and warn.
+        instruction_encoder: `igva` with an aggregator only: the sentence encoder (a transformers model, e.g.
+            `sentence-transformers/all-mpnet-base-v2`, or where it loads from) whose weights fill the frozen
+            instruction encoder. Without it the encoder stays randomly initialised (an error with `strict=True`).
+        config_kwargs: Any other [`LlavaMultiLayerConfig`] field (`vision_feature_layer`, `internal_fusion_type`,
+            ...). `vision_feature_layer` defaults to LLaVA's.
+
+    Returns:
+        The new model, in evaluation mode, in LLaVA's dtype, on the CPU.
+    """
+    llava = _load_llava(llava_model_or_path)
+    llava_config = llava.config
+    num_hidden_states = llava_config.vision_config.num_hidden_layers + 1
+    llava_layers = _as_layer_list(llava_config.vision_feature_layer, num_hidden_states)
+    if "vision_feature_layer" not in config_kwargs:
+        if fusion_type == "mmfuser":
+            raise ValueError(
+                "fusion_type='mmfuser' needs `vision_feature_layer`: the value layers, then LLaVA's layer "
+                f"({llava_config.vision_feature_layer}) last as the query."
+            )
+        layers = llava_config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        if fusion_type == "concat":
+            config_kwargs["vision_feature_layer"] = layers
+        elif len(layers) == 1:
+            config_kwargs["vision_feature_layer"] = layers[0]
+        else:
+            raise ValueError(
+                f"The LLaVA model concatenates layers {llava_config.vision_feature_layer}; fusion_type={fusion_type!r} "
+                "needs a single layer: pass `vision_feature_layer` (or use fusion_type='concat')."
+            )
+
+    if instruction_encoder is not None and not isinstance(instruction_encoder, PreTrainedModel):
+        instruction_encoder = AutoModel.from_pretrained(instruction_encoder, add_pooling_layer=False)
+    if instruction_encoder is not None:
+        config_kwargs.setdefault("instruction_encoder_config", instruction_encoder.config.to_dict())
+    elif (
+        fusion_type == "igva"
+        and not config_kwargs.get("igva_aggregate_by_average", False)
+        and config_kwargs.get("instruction_encoder_config") is None
+    ):
+        raise ValueError(
+            "fusion_type='igva' with the weight allocator needs the sentence encoder: pass `instruction_encoder` (a "
+            "transformers model such as sentence-transformers/all-mpnet-base-v2, or where it loads from), or "
+            "`igva_aggregate_by_average=True`."
+        )
+
+    for name in _LLAVA_CONFIG_FIELDS:
+        if name in config_kwargs:
+            raise ValueError(f"`{name}` is taken from the LLaVA model and cannot be passed to `from_llava`.")
+    config = LlavaMultiLayerConfig(
+        vision_config=llava_config.vision_config.to_dict(),
+        text_config=llava_config.text_config.to_dict(),
+        fusion_type=fusion_type,
+        **{name: getattr(llava_config, name) for name in _LLAVA_CONFIG_FIELDS},
+        **config_kwargs,
+    )
+    config.architectures = [model_class.__name__]
+
+    problems = _unreproducible_settings(config, llava_layers, num_hidden_states, instruction_encoder)
+    if problems:
+        message = "The upcycled model will not reproduce the LLaVA model's outputs: " + " ".join(problems)
+        if strict:
+            raise UpcyclingError(message + " Pass `strict=False` to build it anyway.")
+        warnings.warn(message, stacklevel=3)
+
+    model = model_class._from_config(config, dtype=llava.dtype)
+    target = model.model
+    with torch.no_grad():
+        target.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
+        _load_language_model(target.language_model, llava.model.language_model.state_dict())
+        if not config.tie_word_embeddings:
+            model.lm_head.load_state_dict(llava.lm_head.state_dict())
+        _init_projector(target.multi_modal_projector, llava.model.multi_modal_projector, config, llava_layers)
+        if config.internal_fusion_type == "add":
+            for projector in target.internal_projectors:
+                _zero_linear(projector.linear_2)
+        for layer in target.internal_fusion_layers:
+            if hasattr(layer, "cross_attn_gate"):
+                layer.cross_attn_gate.zero_()
+                layer.cross_mlp_gate.zero_()
+        if instruction_encoder is not None:
+            result = target.instruction_encoder.encoder.load_state_dict(instruction_encoder.state_dict(), strict=False)
+            if result.missing_keys:
+                raise ValueError(
+                    "`instruction_encoder` does not fit the model's instruction encoder: missing "
+                    f"{result.missing_keys[:5]}."
+                )
+    if llava.generation_config is not None:
+        model.generation_config = copy.deepcopy(llava.generation_config)
+    return model.eval()
+
+
+def processor_from_llava(
+    llava_processor,
+    chat_template: str | None = None,
+    instruction_tokenizer=None,
+) -> LlavaMultiLayerProcessor:
+    """The processor of an upcycled model, from the LLaVA model's `LlavaProcessor` (same image processor, tokenizer,
+    patch size and token counts).
+
+    Args:
+        llava_processor (`LlavaProcessor`): The LLaVA model's processor.
+        chat_template (`str`, *optional*): Defaults to LLaVA-1.5's `vicuna_v1` conversation, which marks the
+            assistant turns with `{% generation %}` as finetuning needs.
+        instruction_tokenizer (*optional*): `igva` with an aggregator: the instruction encoder's tokenizer.
+    """
+    kwargs = {
+        "image_processor": llava_processor.image_processor,
+        "tokenizer": llava_processor.tokenizer,
+        "patch_size": llava_processor.patch_size,
+        "vision_feature_select_strategy": llava_processor.vision_feature_select_strategy,
+        "chat_template": chat_template or VICUNA_V1_CHAT_TEMPLATE,
+        "image_token": llava_processor.image_token,
+        "num_additional_image_tokens": llava_processor.num_additional_image_tokens,
+    }
+    if instruction_tokenizer is not None:
+        return LlavaMultiLayerInstructionProcessor(instruction_tokenizer=instruction_tokenizer, **kwargs)
+    return LlavaMultiLayerProcessor(**kwargs)
+
+
+def _load_llava(llava_model_or_path) -> LlavaForConditionalGeneration:
+    if isinstance(llava_model_or_path, (str, os.PathLike)):
+        return LlavaForConditionalGeneration.from_pretrained(llava_model_or_path, dtype="auto")
+    if not isinstance(llava_model_or_path, LlavaForConditionalGeneration):
+        raise TypeError(
+            "`llava_model_or_path` must be a LlavaForConditionalGeneration or the path / Hub id of one, got "
+            f"{type(llava_model_or_path).__name__}."
+        )
+    return llava_model_or_path
+
+
+def _as_layer_list(layers: int | list[int], num_hidden_states: int) -> list[int]:
+    """LLaVA's `vision_feature_layer` as non-negative hidden-state indices, in concatenation order."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    return [layer % num_hidden_states for layer in layers]
+
+
+def _normalized(entry: int | list[int], num_hidden_states: int) -> int | None:
+    """A `vision_feature_layer` entry as a non-negative index, or `None` for an averaged group."""
+    return entry % num_hidden_states if isinstance(entry, int) else None
+
+
+def _unreproducible_settings(config, llava_layers, num_hidden_states, instruction_encoder) -> list[str]:
+    """Reasons why the upcycled model cannot start from LLaVA's outputs (empty when it can)."""
+    problems = []
+    layers = config.vision_feature_layer
+    if config.fusion_type == "single" and [_normalized(layers, num_hidden_states)] != llava_layers:
+        problems.append(f"vision_feature_layer={layers} is not LLaVA's layer {llava_layers}.")
+    if config.fusion_type == "concat":
+        entries = [_normalized(entry, num_hidden_states) for entry in layers]
+        missing = [layer for layer in llava_layers if layer not in entries]
+        if missing:
+            problems.append(f"vision_feature_layer={layers} does not contain LLaVA's layer(s) {missing}.")
+    if config.fusion_type == "mmfuser" and [_normalized(layers[-1], num_hidden_states)] != llava_layers:
+        problems.append(
+            f"the query layer (last entry of vision_feature_layer={layers}) is not LLaVA's layer {llava_layers}."
+        )
+    if config.fusion_type == "igva":
+        if [_normalized(layers, num_hidden_states)] != llava_layers:
+            problems.append(f"the igva base layer {layers} is not LLaVA's layer {llava_layers}.")
+        if config.vision_feature_select_strategy != "default":
+            problems.append("igva always drops the first vision token, but the LLaVA model keeps it ('full').")
+        if not config.igva_aggregate_by_average and instruction_encoder is None:
+            problems.append(
+                "the instruction encoder stays randomly initialised: pass `instruction_encoder` (the outputs still "
+                "match LLaVA's at first, but the trained allocator would be fed noise)."
+            )
+    if config.internal_fusion_type == "cross_attention" and config.internal_fusion_placement == "pre_cross":
+        problems.append(
+            "internal_fusion_placement='pre_cross' feeds the self-attention residual from the normed hidden state, "
+            "so the decoder layers change even with closed gates; 'post_cross' and 'parallel' start as the plain "
+            "layers."
+        )
+    return problems
+
+
+def _load_language_model(language_model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Loads LLaVA's language model; only the new cross-fusion parameters of internal-fusion layers stay missing."""
+    result = language_model.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if ".cross_" not in key]
+    if missing or result.unexpected_keys:
+        raise UpcyclingError(
+            f"The LLaVA language model does not fit the new one: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}."
+        )
+
+
+def _zero_linear(linear: nn.Linear) -> None:
+    linear.weight.zero_()
+    if linear.bias is not None:
+        linear.bias.zero_()
+
+
+def _init_projector(projector: nn.Module, llava_projector: nn.Module, config, llava_layers: list[int]) -> None:
+    """Copies LLaVA's MLP into the fuser's `linear_1`/`linear_2`, zeroing the input columns LLaVA did not have."""
+    projector.linear_2.load_state_dict(llava_projector.linear_2.state_dict())
+    source = llava_projector.linear_1
+    if projector.linear_1.bias is not None:
+        projector.linear_1.bias.copy_(source.bias)
+    if config.fusion_type == "concat":
+        num_hidden_states = config.vision_config.num_hidden_layers + 1
+        width = config.vision_config.hidden_size
+        weight = torch.zeros_like(projector.linear_1.weight)
+        entries = [_normalized(entry, num_hidden_states) for entry in config.vision_feature_layer]
+        for llava_index, layer in enumerate(llava_layers):
+            if layer in entries:
+                index = entries.index(layer)
+                weight[:, index * width : (index + 1) * width] = source.weight[
+                    :, llava_index * width : (llava_index + 1) * width
+                ]
+        projector.linear_1.weight.copy_(weight)
+    elif config.fusion_type == "igva":
+        width = source.weight.shape[1]
+        projector.linear_1.weight.zero_()
+        projector.linear_1.weight[:, :width] = source.weight
+    else:
+        projector.linear_1.weight.copy_(source.weight)
+    if config.fusion_type == "mmfuser":
+        projector.fuser.cross_attn_scale.zero_()
+        projector.fuser.self_attn_scale.zero_()
+
+
+__all__ = ["UpcyclingError", "processor_from_llava", "upcycle_llava"]
