@@ -167,10 +167,11 @@ def prepare_model_for_finetuning(
     lora_config=None,
     gradient_checkpointing: bool = True,
 ):
-    """Wraps `model` in a `peft.PeftModel` for the recipe above and returns it.
+    """Wraps `model` in a `peft.PeftModel` for the recipe above and returns it (`model` is modified in place).
 
     Trainable parameters (LoRA weights, the fully trained modules and gates) are kept in float32, whatever the dtype
-    of the frozen weights; a quantized model first goes through `peft.prepare_model_for_kbit_training`.
+    of the frozen weights; a quantized model first goes through `peft.prepare_model_for_kbit_training`, which also
+    enables gradient checkpointing when `gradient_checkpointing` is set (otherwise the `Trainer` enables it).
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -207,12 +208,20 @@ def _gathered(parameters: list[torch.nn.Parameter], modifier_rank: int | None = 
 
 
 def non_lora_trainables_state_dict(model) -> dict[str, torch.Tensor]:
-    """The trainable bare parameters (cross-fusion gates) of a peft-wrapped model, by full base-model name, on CPU."""
+    """The trainable bare parameters (cross-fusion gates) of a peft-wrapped model, by full base-model name, on CPU.
+
+    Under DeepSpeed ZeRO-3 or FSDP2 the parameters are gathered first, so every rank must call this.
+    """
     base = model.get_base_model()
     names = fully_trained_parameters(base.config)
     parameters = [base.get_parameter(name) for name in names]
+    state = {}
     with _gathered(parameters):
-        return {name: parameter.detach().float().cpu().clone() for name, parameter in zip(names, parameters)}
+        for name, parameter in zip(names, parameters):
+            if hasattr(parameter, "full_tensor"):  # an FSDP2-sharded DTensor
+                parameter = parameter.full_tensor()
+            state[name] = parameter.detach().float().cpu().clone()
+    return state
 
 
 def load_non_lora_trainables(model, directory: str | os.PathLike) -> None:
@@ -314,6 +323,12 @@ def finetune(
         dtype = torch.bfloat16 if bf16 or load_in_4bit else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    mixed_precision = bf16 or training_kwargs.get("fp16", False)
+    if dtype != torch.float32 and not (mixed_precision or load_in_4bit):
+        raise ValueError(
+            f"`dtype={dtype}` frozen weights need mixed precision, since the trained weights are float32: pass "
+            "`bf16=True` (--bf16)."
+        )
     if isinstance(model, (str, os.PathLike)):
         model_path = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
         if processor is None:
@@ -373,6 +388,9 @@ def finetune(
     if resume_from_checkpoint:
         load_non_lora_trainables(peft_model, resume_from_checkpoint)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    if trainer.is_fsdp_enabled:
+        # Checkpoints may be sharded; the final adapter is written whole (peft's FSDP recipe).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(output_dir))
     return trainer
 
@@ -417,12 +435,19 @@ def merge_lora(
 
     The base is loaded unquantized: a QLoRA adapter is merged into the full-precision weights (which differ slightly
     from the 4-bit weights it was trained against).
+
+    Args:
+        adapter_dir: A directory written by [`finetune`] (or one of its `checkpoint-N` folders).
+        output_dir: Where the merged checkpoint is written.
+        base_model: Where the base model loads from; defaults to the adapter's `base_model_name_or_path`.
+        dtype: Dtype of the base model, and so of the merged checkpoint (`"auto"`: the base checkpoint's).
+        max_shard_size: Largest weight file written.
     """
     model = load_finetuned_model(adapter_dir, base_model, dtype)
     base_path = model.peft_config["default"].base_model_name_or_path if base_model is None else base_model
+    # The fully trained modules were float32: give the checkpoint the base model's single dtype.
     merged = model.merge_and_unload()
-    merged.config.use_cache = True
-    merged.config.text_config.use_cache = True
+    merged = merged.to(merged.get_input_embeddings().weight.dtype)
     output_dir = Path(output_dir)
     merged.save_pretrained(output_dir, max_shard_size=max_shard_size)
     processor_dir = adapter_dir if (Path(adapter_dir) / "processor_config.json").is_file() else base_path

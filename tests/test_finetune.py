@@ -4,6 +4,7 @@ learns, saving, reloading, resuming and merging."""
 import argparse
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -326,3 +327,31 @@ def test_qlora_quantizes_only_language_model_linears(tmp_path, processor):
     assert all(grad.abs().sum() > 0 for grad in lora.values())
     projector = peft_model.base_model.model.model.multi_modal_projector.modules_to_save["default"]
     assert projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_bf16_mixed_precision_and_merged_dtype(tmp_path, processor):
+    """`bf16`: frozen weights in bfloat16, trained ones in float32 under autocast; merging into a bfloat16 base gives
+    a checkpoint of one dtype. bfloat16 weights without mixed precision are refused."""
+    base_dir, image_folder = tmp_path / "base", tmp_path / "images"
+    image_folder.mkdir()
+    tiny_model().save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    records = make_records(image_folder, count=4)
+    with pytest.raises(ValueError, match="--bf16"):
+        finetune(base_dir, records, tmp_path / "refused", image_folder=image_folder, dtype="bfloat16")
+
+    trainer = finetune(
+        base_dir, records, tmp_path / "out", image_folder=image_folder, lora_r=4, lora_alpha=8, max_steps=2,
+        bf16=True, use_cpu=True,
+    )
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+    args = add_merge_arguments(argparse.ArgumentParser()).parse_args(
+        ["--adapter-dir", str(tmp_path / "out"), "--output-dir", str(tmp_path / "merged"), "--dtype", "bfloat16"]
+    )
+    run_merge(args)
+    merged = LlavaMultiLayerForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
