@@ -89,6 +89,9 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
             `igva`: heads of each allocator block.
         igva_hidden_size (`int`, *optional*, defaults to 1024):
             `igva`: width of the weight allocator.
+        igva_sentence_embed_dim (`int`, *optional*):
+            `igva`: width of the instruction embeddings the weight allocator takes (the original `sentence_embed_dim`);
+            it must equal `instruction_encoder_config.hidden_size`. Defaults to that width.
         internal_fusion_type (`str`, *optional*):
             Internal fusion inside the language model: `"add"` (Layer_Select_Fuse I_D: projected features are added
             to the image-token positions of the hidden state entering a decoder layer, at prefill) or
@@ -152,6 +155,7 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
     igva_num_blocks: int = 4
     igva_num_heads: int = 4
     igva_hidden_size: int = 1024
+    igva_sentence_embed_dim: int | None = None
     internal_fusion_type: Literal["add", "cross_attention"] | None = None
     internal_fusion_placement: Literal["pre_cross", "post_cross", "parallel"] = "pre_cross"
     internal_feature_layers: list[int] | None = None
@@ -224,6 +228,13 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
                         "(the sentence encoder that embeds the instruction, e.g. an `mpnet` config)."
                     )
                 _check_divisible("igva_hidden_size", self.igva_hidden_size, "igva_num_heads", self.igva_num_heads)
+                encoder_width = self.instruction_encoder_config.hidden_size
+                if self.igva_sentence_embed_dim is not None and self.igva_sentence_embed_dim != encoder_width:
+                    raise ValueError(
+                        f"`igva_sentence_embed_dim` ({self.igva_sentence_embed_dim}) is the input width of the weight "
+                        f"allocator, but the instruction encoder (`instruction_encoder_config.hidden_size`) produces "
+                        f"{encoder_width}-wide embeddings: use the encoder the allocator was trained with."
+                    )
         elif self.igva_layer_groups is not None:
             raise ValueError(f"`igva_layer_groups` is only used with fusion_type='igva', not {self.fusion_type!r}.")
 

@@ -116,6 +116,12 @@ class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
                     "processor (or `instruction_input_ids`/`instruction_attention_mask`, or `instruction_embeds`, "
                     "to the model)."
                 )
+            expected_width = self.aggregator.sentence_proj.in_features
+            if instruction_embeds.dim() != 2 or instruction_embeds.shape[-1] != expected_width:
+                raise ValueError(
+                    f"`instruction_embeds` must have shape (num_images, {expected_width}) (one instruction embedding "
+                    f"per image), got {tuple(instruction_embeds.shape)}."
+                )
             weights = self.aggregator(groups[:, :, 0], instruction_embeds.to(groups.dtype))
         fused = (weights[:, :, None, None] * groups[:, :, 1:]).sum(1)
         base = vision_hidden_states[self.base_layer][:, 1:]

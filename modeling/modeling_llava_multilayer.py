@@ -235,7 +235,9 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
         )
         hidden_states = vision_outputs.hidden_states
-        if instruction_embeds is None and instruction_input_ids is not None:
+        if instruction_embeds is not None and instruction_input_ids is not None:
+            raise ValueError("Pass either `instruction_input_ids` or `instruction_embeds`, not both.")
+        if instruction_input_ids is not None:
             instruction_embeds = self.get_instruction_embeds(instruction_input_ids, instruction_attention_mask)
         if instruction_embeds is not None and instruction_embeds.shape[0] != pixel_values.shape[0]:
             raise ValueError(

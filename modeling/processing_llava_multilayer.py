@@ -254,6 +254,22 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
             **kwargs,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        if not _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs):
+            raise OSError(
+                f"{pretrained_model_name_or_path} has no `instruction_tokenizer/` folder: it is not the processor of an "
+                "instruction-guided (igva) model."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def to_dict(self) -> dict:
+        # `AutoProcessor` resolves `processor_class` among the registered processors; the registered
+        # `LlavaMultiLayerProcessor.from_pretrained` comes back to this class when it finds `instruction_tokenizer/`.
+        output = super().to_dict()
+        output["processor_class"] = LlavaMultiLayerProcessor.__name__
+        return output
+
     def __call__(self, images=None, text=None, instructions=None, **kwargs) -> BatchFeature:
         """As [`LlavaMultiLayerProcessor.__call__`], plus `instructions` (`str` or `list[str]`, one per prompt),
         tokenized into `instruction_input_ids` / `instruction_attention_mask` with one row per image."""
