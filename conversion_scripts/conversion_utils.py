@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -43,7 +44,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 import llava_multilayer
-from .model_card import write_model_card
+from .model_card import MODEL_ID_PLACEHOLDER, write_model_card
 from llava_multilayer import (
     LlavaMultiLayerConfig,
     LlavaMultiLayerForConditionalGeneration,
@@ -98,7 +99,10 @@ def load_original_config(input_dir: str | os.PathLike) -> dict:
     path = Path(input_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{input_dir} has no config.json: pass the directory the original training wrote.")
-    return _load_json(path)
+    config = _load_json(path)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    return config
 
 
 def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +114,7 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(error):
                 raise
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except __import__("pickle").UnpicklingError as error:
+    except pickle.UnpicklingError as error:
         raise ConversionError(
             f"{path} contains pickled objects other than tensors; refusing to load it, since unpickling could run "
             f"arbitrary code. Re-save it as plain tensors (or safetensors). Details: {error}"
@@ -159,9 +163,25 @@ class CheckpointReader:
             index_path = self.input_dir / f"{single}.index.json"
             shards = sorted(p for p in self.input_dir.iterdir() if re.fullmatch(pattern, p.name))
             if index_path.is_file():
-                weight_map = _load_json(index_path).get("weight_map")
+                if (self.input_dir / single).is_file():
+                    raise ConversionError(
+                        f"{self.input_dir} holds both {single} and {index_path.name}: it is ambiguous which weights are "
+                        "current. Remove the stale one."
+                    )
+                index = _load_json(index_path)
+                weight_map = index.get("weight_map") if isinstance(index, dict) else None
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise ConversionError(f"{index_path} has no `weight_map`.")
+                bad = [
+                    f"{key!r}: {name!r}"
+                    for key, name in weight_map.items()
+                    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
+                ]
+                if bad:
+                    raise ConversionError(
+                        f"{index_path} must map tensor names to shard file names in the same directory, got "
+                        f"{', '.join(bad[:5])}."
+                    )
                 named = sorted(set(weight_map.values()))
                 missing = [name for name in named if not (self.input_dir / name).is_file()]
                 if missing:
@@ -171,6 +191,11 @@ class CheckpointReader:
                     raise ConversionError(f"Shard file(s) {extra} are not named by {index_path.name}.")
                 return fmt, [self.input_dir / name for name in named], weight_map
             if (self.input_dir / single).is_file():
+                if shards:
+                    raise ConversionError(
+                        f"{self.input_dir} holds both {single} and the shards {[p.name for p in shards]} (without "
+                        f"{index_path.name}): it is ambiguous which weights are current. Remove the stale ones."
+                    )
                 return fmt, [self.input_dir / single], None
             if shards:
                 raise ConversionError(f"Found shards {[p.name for p in shards]} but no {index_path.name}.")
@@ -262,7 +287,10 @@ def resolve_local_dir(name_or_path: str | None, what: str, flag: str) -> Path:
 
 def load_vision_config(vision_tower_dir: Path) -> PreTrainedConfig:
     """The vision config of a tower directory (a full CLIP/SigLIP config contributes its `vision_config`)."""
-    config = AutoConfig.from_pretrained(vision_tower_dir)
+    try:
+        config = AutoConfig.from_pretrained(vision_tower_dir)
+    except Exception as error:
+        raise ConversionError(f"Could not read the vision tower config of {vision_tower_dir}: {error}") from error
     return getattr(config, "vision_config", None) or config
 
 
@@ -305,6 +333,9 @@ def build_image_processor(vision_tower_dir: Path, pad_to_square: bool) -> LlavaI
     if not path.is_file():
         raise ConversionError(f"{vision_tower_dir} has no preprocessor_config.json (the tower's image processor).")
     settings = _load_json(path)
+    missing = [key for key in ("size", "image_mean", "image_std") if key not in settings]
+    if missing:
+        raise ConversionError(f"{path} lacks {missing}: the converted processor cannot reproduce the preprocessing.")
     crop_size = settings.get("crop_size")
     do_center_crop = settings.get("do_center_crop", crop_size is not None)
     kwargs = {
@@ -358,7 +389,10 @@ def generation_config_from_original(input_dir: Path, image_token_id: int) -> Gen
     path = input_dir / "generation_config.json"
     settings = _load_json(path) if path.is_file() else {}
     settings = {k: v for k, v in settings.items() if not k.startswith("_") and k not in ("transformers_version", "attn_implementation")}
-    return GenerationConfig(**settings)
+    try:
+        return GenerationConfig(**settings)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"{path} does not hold a valid generation config: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,6 +407,7 @@ class ShardedSafetensorsWriter:
         self.directory = directory
         self.max_shard_size = max_shard_size
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_storages: set[int] = set()
         self.pending_size = 0
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_size = 0
@@ -381,7 +416,13 @@ class ShardedSafetensorsWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_size + size > self.max_shard_size:
             self._flush()
-        self.pending[key] = tensor.contiguous()
+        tensor = tensor.contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self.pending_storages:
+            # Tied tensors of a torch checkpoint share storage; safetensors stores each one on its own.
+            tensor = tensor.clone()
+        self.pending_storages.add(tensor.untyped_storage().data_ptr())
+        self.pending[key] = tensor
         self.pending_size += size
         self.total_size += size
 
@@ -389,7 +430,7 @@ class ShardedSafetensorsWriter:
         path = self.directory / f"shard-{len(self.shards):05d}.tmp"
         save_file(self.pending, str(path), metadata={"format": "pt"})
         self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_size = {}, 0
+        self.pending, self.pending_size, self.pending_storages = {}, 0, set()
 
     def finish(self) -> None:
         if self.pending or not self.shards:
@@ -428,12 +469,39 @@ class ConversionReport:
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
 
 
-def expected_target_shapes(config: LlavaMultiLayerConfig) -> dict[str, torch.Size]:
-    """Names and shapes of every tensor the converted checkpoint must contain (model built on the meta device)."""
+def expected_target_tensors(config: LlavaMultiLayerConfig) -> dict[str, torch.Tensor]:
+    """Every tensor the converted checkpoint must contain, as meta tensors (name -> shape and dtype)."""
     with torch.device("meta"):
         model = LlavaMultiLayerForConditionalGeneration(config)
     tied = set(model._tied_weights_keys or {}) if config.tie_word_embeddings else set()
-    return {key: tensor.shape for key, tensor in model.state_dict().items() if key not in tied}
+    return {key: tensor for key, tensor in model.state_dict().items() if key not in tied}
+
+
+def expected_target_shapes(config: LlavaMultiLayerConfig) -> dict[str, torch.Size]:
+    """Names and shapes of every tensor the converted checkpoint must contain (model built on the meta device)."""
+    return {key: tensor.shape for key, tensor in expected_target_tensors(config).items()}
+
+
+def _check_output_dir_is_not_a_source(output_dir: Path, sources: list[tuple[object, KeyMapping]], source_dir) -> None:
+    """Refuses an `output_dir` that is, or contains, a source: replacing it would delete the checkpoint."""
+    output = output_dir.resolve()
+    paths = [Path(source_dir)] if source_dir and Path(source_dir).exists() else []
+    for reader, _ in sources:
+        paths += [Path(path) for path in reader.files]
+        if getattr(reader, "input_dir", None) is not None:
+            paths.append(reader.input_dir)
+    for path in paths:
+        resolved = path.resolve()
+        if resolved == output or output in resolved.parents:
+            raise ConversionError(
+                f"--output-dir {output_dir} contains the source {path}: writing there would replace the checkpoint "
+                "being converted. Choose another --output-dir."
+            )
+
+
+def _created_parents(directory: Path) -> list[Path]:
+    """The ancestors of `directory` that do not exist yet, deepest first."""
+    return [parent for parent in directory.parents if not parent.exists()]
 
 
 def _describe(keys, limit: int = 15) -> str:
@@ -474,7 +542,9 @@ def run_conversion(
         raise ConversionError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    expected = expected_target_shapes(config)
+    _check_output_dir_is_not_a_source(output_dir, sources, source_dir)
+    expected = expected_target_tensors(config)
+    created_parents = _created_parents(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -492,13 +562,30 @@ def run_conversion(
             report.parity = parity_check(staging)
         (staging / "conversion_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         write_model_card(staging, report)
-        if output_dir.exists():
-            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
-        staging.rename(output_dir)
+        _replace(output_dir, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in created_parents:
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
         raise
     return report
+
+
+def _replace(output_dir: Path, staging: Path) -> None:
+    """Moves `staging` to `output_dir`; a previous `output_dir` is removed only once the new one is in place."""
+    if not output_dir.exists() and not output_dir.is_symlink():
+        staging.rename(output_dir)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent)) / output_dir.name
+    output_dir.rename(backup)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        backup.rename(output_dir)
+        shutil.rmtree(backup.parent, ignore_errors=True)
+        raise
+    shutil.rmtree(backup.parent)
 
 
 def _write_checkpoint(
@@ -510,7 +597,7 @@ def _write_checkpoint(
     unknown: list[str] = []
     unexpected: list[str] = []
     num_source = 0
-    source_dtype = None
+    written_dtypes: set[torch.dtype] = set()
     source_formats, source_files = [], []
     target_dtype = DTYPES.get(dtype) if dtype else None
     for reader, mapping in sources:
@@ -530,14 +617,14 @@ def _write_checkpoint(
                 continue
             if target in written:
                 raise ConversionError(f"Source keys {written[target]!r} and {key!r} both map to {target!r}.")
-            if tensor.shape != expected[target]:
+            if tensor.shape != expected[target].shape:
                 raise ConversionError(
                     f"Source tensor {key!r} has shape {tuple(tensor.shape)}, but {target!r} needs "
-                    f"{tuple(expected[target])}: the checkpoint does not match its config."
+                    f"{tuple(expected[target].shape)}: the checkpoint does not match its config."
                 )
-            if target_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(target_dtype)
-            source_dtype = source_dtype or tensor.dtype
+            tensor = _cast_checked(key, tensor, target, expected[target].dtype, target_dtype)
+            if tensor.is_floating_point():
+                written_dtypes.add(tensor.dtype)
             writer.add(target, tensor)
             written[target] = key
     if unknown:
@@ -552,7 +639,7 @@ def _write_checkpoint(
         )
     writer.finish()
 
-    config.dtype = dtype or str(source_dtype).replace("torch.", "")
+    config.dtype = dtype or str(_lossless_dtype(written_dtypes)).replace("torch.", "")
     config.architectures = [LlavaMultiLayerForConditionalGeneration.__name__]
     with torch.device("meta"):
         model = LlavaMultiLayerForConditionalGeneration(config)
@@ -577,9 +664,52 @@ def _write_checkpoint(
     )
 
 
+def _cast_checked(
+    key: str, tensor: torch.Tensor, target: str, expected_dtype: torch.dtype, target_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Checks that `tensor` has the kind of dtype `target` needs and casts it to `target_dtype` (floating tensors,
+    when given) without turning finite values into infinities."""
+    if tensor.is_floating_point() != expected_dtype.is_floating_point or (
+        not expected_dtype.is_floating_point and tensor.dtype != expected_dtype
+    ):
+        raise ConversionError(
+            f"Source tensor {key!r} has dtype {tensor.dtype}, but {target!r} is a {expected_dtype} parameter: the "
+            "checkpoint is corrupt or was not written by the original training code."
+        )
+    if target_dtype is None or not tensor.is_floating_point() or tensor.dtype == target_dtype:
+        return tensor
+    cast = tensor.to(target_dtype)
+    overflow = torch.isfinite(tensor) & ~torch.isfinite(cast)
+    if overflow.any():
+        raise ConversionError(
+            f"Source tensor {key!r} holds {int(overflow.sum())} finite value(s) (largest magnitude "
+            f"{float(tensor[overflow].abs().max()):.4g}) that overflow to infinity in {target_dtype}: choose another "
+            "--dtype (bfloat16 keeps float32's range) or keep the source dtype."
+        )
+    return cast
+
+
+def _lossless_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The dtype every one of `dtypes` converts to exactly: the shared one, else float32 (float64 if present)."""
+    if len(dtypes) == 1:
+        return next(iter(dtypes))
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def verify_checkpoint(directory: Path, sources: list[tuple[object, KeyMapping]], dtype: str | None) -> None:
-    """Reloads the written checkpoint with `from_pretrained` and checks every tensor against its source."""
-    model = LlavaMultiLayerForConditionalGeneration.from_pretrained(directory, dtype="auto")
+    """Reloads the written checkpoint with `from_pretrained` and checks every tensor against its source.
+
+    The reload must report no missing, unexpected or mismatched keys; each reloaded tensor must equal its source
+    (cast to `dtype` when given), and each stored tensor must have the source dtype (or `dtype`).
+    """
+    model, loading_info = LlavaMultiLayerForConditionalGeneration.from_pretrained(
+        directory, dtype="auto", output_loading_info=True
+    )
+    problems = {name: sorted(loading_info.get(name) or []) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {name: keys for name, keys in problems.items() if keys}
+    if problems:
+        raise ConversionError(f"--verify: reloading {directory} reports {problems}.")
+    stored_dtypes = _stored_dtypes(directory)
     state = model.state_dict()
     target_dtype = DTYPES.get(dtype) if dtype else None
     mismatched = []
@@ -591,10 +721,29 @@ def verify_checkpoint(directory: Path, sources: list[tuple[object, KeyMapping]],
             source = reader.get_tensor(key)
             if target_dtype is not None and source.is_floating_point():
                 source = source.to(target_dtype)
-            if target not in state or not torch.equal(state[target], source):
+            if (
+                target not in state
+                or stored_dtypes.get(target) != source.dtype
+                or state[target].shape != source.shape
+                or not torch.equal(state[target], source.to(state[target].dtype))
+            ):
                 mismatched.append(target)
     if mismatched:
         raise ConversionError(f"--verify: reloaded tensors differ from the source: {_describe(mismatched)}.")
+
+
+def _stored_dtypes(directory: Path) -> dict[str, torch.dtype]:
+    """The dtype of every tensor in the safetensors file(s) of a written checkpoint."""
+    dtypes = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                dtypes[key] = handle.get_slice(key).get_dtype()
+    return {key: getattr(torch, _SAFETENSORS_DTYPES.get(name, name.lower())) for key, name in dtypes.items()}
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def fixture_parity_check(fixture_dir: str | os.PathLike) -> Callable[[Path], dict]:
@@ -653,13 +802,44 @@ def fixture_parity_check(fixture_dir: str | os.PathLike) -> Callable[[Path], dic
     return check
 
 
-def push_to_hub(directory: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Uploads a converted directory (weights, code, processor files, card) to the Hub; returns the repo URL."""
+def push_to_hub(
+    directory: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Uploads a converted directory to the Hub model repo `repo_id`; returns the repo URL.
+
+    The repo is created if needed (`private` applies to a new repo only). Everything in the directory is uploaded in
+    one commit, with huggingface_hub's progress bars: `config.json`, `generation_config.json`, the weights
+    (`model*.safetensors` and index), the remote code (`*.py`), tokenizer and processor files (`tokenizer*.json`,
+    `processor_config.json`, `chat_template.jinja`, `instruction_tokenizer/`), the model card `README.md` (its
+    `REPO_OR_DIR` placeholders are first replaced by `repo_id`, in the local copy too) and `conversion_report.json`.
+    Python caches and hidden files are left out.
+    """
     from huggingface_hub import HfApi
 
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ConversionError(f"{directory} is not a converted checkpoint (no config.json); nothing to upload.")
+    card = directory / "README.md"
+    if card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").replace(MODEL_ID_PLACEHOLDER, repo_id), encoding="utf-8")
+    if commit_message is None:
+        report_path = directory / "conversion_report.json"
+        family = _load_json(report_path).get("family") if report_path.is_file() else None
+        what = f"{family} checkpoint" if family else "checkpoint"
+        commit_message = f"Upload {what} converted by llava-multilayer {llava_multilayer.__version__}"
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model", commit_message="Upload converted checkpoint")
+    api.upload_folder(
+        folder_path=str(directory),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=["__pycache__", "*/__pycache__/*", "*.pyc", ".*", "*/.*"],
+    )
     return str(url)
 
 
@@ -700,6 +880,7 @@ __all__ = [
     "build_image_processor",
     "build_processor",
     "expected_target_shapes",
+    "expected_target_tensors",
     "fixture_parity_check",
     "generation_config_from_original",
     "load_original_config",
