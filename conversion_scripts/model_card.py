@@ -11,7 +11,13 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Model cards of converted checkpoints, filled from what the converter knows (`huggingface_hub.ModelCard`)."""
+"""Model cards of converted checkpoints, filled from what the converter knows (`huggingface_hub.ModelCard`).
+
+Each family has a Jinja template in `model_cards/<family>.md` (method, paper, citation, loading and chat examples);
+this module fills it with the [`ConversionReport`] of the conversion: YAML metadata (library, pipeline tag, base
+models, license when the source states one, tags including `custom_code`), the fusion settings, the provenance
+(source format and files, converter version, date, dropped tensors) and the numbers of the parity check.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +27,18 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+#: Stands for the model's location in the templates' code examples; `push_to_hub` replaces it by the repo id.
+MODEL_ID_PLACEHOLDER = "REPO_OR_DIR"
+
+BASE_TAGS = ["llava", "llava-multilayer", "multi-layer-fusion", "vision-language", "custom_code"]
 FAMILY_TAGS = {
     "mmfuser": ["mmfuser", "deformable-attention"],
     "layer_select_fuse": ["layer-select-fuse"],
     "igva": ["igva", "instruction-guided"],
 }
+
+#: Parity standards of the project: metric name -> largest accepted value (float32, CPU).
+PARITY_TOLERANCES = {"logits_max_abs_diff": 1e-4, "image_features_max_abs_diff": 1e-5}
 
 
 def _template(family: str) -> str:
@@ -36,6 +49,44 @@ def _bullets(mapping: dict) -> str:
     return "\n".join(f"- `{key}`: `{json.dumps(value)}`" for key, value in mapping.items()) or "- (none)"
 
 
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return f"`{json.dumps(value)}`"
+
+
+def _status(metric: str, value) -> str:
+    if isinstance(value, bool):
+        return "pass" if value else "**FAIL**"
+    tolerance = PARITY_TOLERANCES.get(metric)
+    if tolerance is None or not isinstance(value, (int, float)):
+        return ""
+    return f"pass (<= {tolerance:g})" if value <= tolerance else f"**FAIL** (> {tolerance:g})"
+
+
+def render_parity(parity: dict | None) -> str:
+    """The parity section: one markdown table per checked prompt (or module), or a note that none was run."""
+    if not parity:
+        return (
+            "No parity check was run for this conversion. The converters run one with `--parity-fixture DIR` (inputs "
+            "and outputs recorded by running the original implementation) and record the numbers here."
+        )
+    lines = [
+        "The converted checkpoint was run in float32 on CPU on the image and prompt(s) of a golden fixture, and its "
+        "outputs were compared with those recorded by running the original implementation on the same inputs "
+        "(logits over the original vocabulary; greedy tokens generated after the prompt).",
+    ]
+    for name, metrics in parity.items():
+        lines += ["", f"**{name}**", "", "| metric | value | standard |", "|---|---|---|"]
+        if not isinstance(metrics, dict):
+            metrics = {"value": metrics}
+        for metric, value in metrics.items():
+            lines.append(f"| `{metric}` | {_format_value(value)} | {_status(metric, value)} |")
+    return "\n".join(lines)
+
+
 def render_model_card(report) -> ModelCard:
     """Builds the card of a conversion from its [`ConversionReport`]."""
     card_data = ModelCardData(
@@ -43,23 +94,24 @@ def render_model_card(report) -> ModelCard:
         pipeline_tag="image-text-to-text",
         base_model=report.base_model or None,
         license=report.license,
-        tags=["llava", "llava-multilayer", "multi-layer-fusion", "custom_code", *FAMILY_TAGS.get(report.family, [])],
+        tags=[*BASE_TAGS, *FAMILY_TAGS.get(report.family, [])],
     )
-    parity = report.parity or {}
     return ModelCard.from_template(
         card_data,
         template_str=_template(report.family),
+        model_id=MODEL_ID_PLACEHOLDER,
         settings=_bullets(report.settings),
         source_dir=report.source_dir,
         source_format=report.source_format,
+        source_files=", ".join(f"`{Path(path).name}`" for path in report.source_files) or "-",
         num_source_tensors=report.num_source_tensors,
         num_target_tensors=report.num_target_tensors,
         dropped=_bullets(report.dropped) if report.dropped else "- (none)",
         converter_version=report.converter_version,
         date=report.date,
         dtype=report.dtype,
-        verified="yes, every tensor re-read and compared" if report.verified else "not run (pass --verify)",
-        parity=("```json\n" + json.dumps(parity, indent=2) + "\n```") if parity else "Not run (pass --parity-fixture).",
+        verified="every written tensor re-read and compared with its source" if report.verified else "not run (pass --verify)",
+        parity=render_parity(report.parity),
     )
 
 
@@ -68,3 +120,6 @@ def write_model_card(directory: str | Path, report) -> Path:
     path = Path(directory) / "README.md"
     render_model_card(report).save(path)
     return path
+
+
+__all__ = ["MODEL_ID_PLACEHOLDER", "PARITY_TOLERANCES", "render_model_card", "render_parity", "write_model_card"]
