@@ -200,7 +200,7 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
                         raise ValueError(
                             f"`vision_feature_layer` of an `mmfuser` fuser lists single indices, got the group {entry}."
                         )
-                    _check_group("vision_feature_layer", entry)
+                    _check_group("vision_feature_layer", entry, self.num_vision_hidden_states)
         self._check_layer_indices("vision_feature_layer", _flatten_layers(layers))
 
         if self.fusion_type == "mmfuser":
@@ -219,7 +219,7 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
             if not groups:
                 raise ValueError("fusion_type='igva' needs `igva_layer_groups`, a non-empty list of index lists.")
             for group in groups:
-                _check_group("igva_layer_groups", group)
+                _check_group("igva_layer_groups", group, self.num_vision_hidden_states)
             self._check_layer_indices("igva_layer_groups", [i for g in groups for i in g])
             if not self.igva_aggregate_by_average:
                 if self.instruction_encoder_config is None:
@@ -286,11 +286,18 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
         return {layer: feature for layer, feature in (self.internal_layer_map or [])}
 
 
-def _check_group(name: str, group) -> None:
+def _check_group(name: str, group, num_hidden_states: int) -> None:
     if not isinstance(group, list) or not group:
         raise ValueError(f"`{name}` contains an empty or non-list group: {group!r}.")
     if len(set(group)) != len(group):
         raise ValueError(f"`{name}` contains a group that repeats an index: {group}.")
+    # A negative and a positive index can name the same hidden state (-1 and num_hidden_states - 1).
+    positions = [index % num_hidden_states for index in group if -num_hidden_states <= index < num_hidden_states]
+    if len(set(positions)) != len(positions):
+        raise ValueError(
+            f"`{name}` contains a group that names the same hidden state twice: {group} (as non-negative indices "
+            f"{positions}, with {num_hidden_states} hidden states)."
+        )
 
 
 def _check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:

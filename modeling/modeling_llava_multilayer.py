@@ -105,6 +105,19 @@ class LlavaMultiLayerCausalLMOutputWithPast(ModelOutput):
     fusion_weights: torch.Tensor | None = None
 
 
+def _check_image_token_runs(image_token_mask: torch.Tensor, num_tokens: int) -> None:
+    """Raises unless the image tokens of each row of the `(batch_size, sequence_length)` mask form runs of whole
+    images (`num_tokens` consecutive tokens each), so that no image is split across rows or around text."""
+    edges = nn.functional.pad(image_token_mask.int(), (1, 1)).diff(dim=-1)
+    lengths = (edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]
+    if (lengths % num_tokens).any():
+        raise ValueError(
+            f"Each image fills {num_tokens} consecutive image tokens, but the prompts hold runs of "
+            f"{sorted(set(lengths.tolist()))} image tokens: a sequence was cut or split inside an image. Prepare "
+            "inputs with the model's processor (which expands every `<image>` in place and never truncates)."
+        )
+
+
 class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
     config: LlavaMultiLayerConfig
     base_model_prefix = "model"
@@ -214,6 +227,11 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` must have shape (num_images, {expected[0]}, {expected[1]}, {expected[2]}) for this "
                 f"vision tower, got {tuple(pixel_values.shape)}. Prepare images with the model's processor."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"`pixel_values` must be normalised floating-point values, got dtype {pixel_values.dtype} (raw pixels?). "
+                "Prepare images with the model's processor."
             )
 
     @can_return_tuple
@@ -351,6 +369,7 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
                     f"image tokens, but {num_images} image(s) x {num_tokens} tokens were computed. Each image needs "
                     "exactly one `<image>` in the text; prepare inputs with the model's processor."
                 )
+            _check_image_token_runs(image_token_mask, num_tokens)
             mask = image_token_mask.unsqueeze(-1).to(inputs_embeds.device)
             inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
         elif image_token_mask is not None and image_token_mask.any():

@@ -14,6 +14,7 @@
 """Processor of LLaVA models with multi-layer visual feature fusion."""
 
 import numpy as np
+from PIL import Image
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import make_flat_list_of_images
@@ -51,6 +52,29 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
+# PIL modes holding 16-bit samples ("I" is what 16-bit PNGs open as in older Pillow versions).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image):
+    """Converts one image to 8-bit RGB the way the original codebases read images (`Image.open(path).convert("RGB")`).
+
+    PIL images of any mode go through `convert("RGB")`: grayscale is replicated, palette images are expanded,
+    CMYK is converted with PIL's formula, and transparency is dropped (not composited onto a background). 16-bit
+    images (PIL modes `I;16*` and `I`, numpy arrays and tensors of dtype uint16) are first scaled to 8 bits,
+    `round(value / 257)`, so that 65535 becomes 255 instead of every value above 255 saturating to white. 32-bit
+    float (`F`) images are taken as 0-255 values, as PIL does. Other arrays and tensors are returned unchanged.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in _SIXTEEN_BIT_MODES:
+            scaled = np.rint(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+            image = Image.fromarray(scaled)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if str(getattr(image, "dtype", "")).removeprefix("torch.") == "uint16":
+        return np.rint(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8)
+    return image
+
+
 _TOKENIZER_CALL_KWARGS = ("padding", "padding_side", "pad_to_multiple_of", "return_attention_mask")
 _IGNORED_KWARGS = ("videos", "audio", "sanitize_control_tokens", "return_mm_token_type_ids")
 
@@ -59,11 +83,12 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
     r"""
     Image processor + tokenizer of a multi-layer fusion LLaVA model.
 
-    It pads images to a square with the mean colour (LLaVA-1.5's `image_aspect_ratio="pad"`, via the image processor's
-    `do_pad`), expands each `<image>` into the number of visual tokens the model splices in, and tokenizes the text
-    around each `<image>` separately, exactly as the original codebases' `tokenizer_image_token` does (so a
-    SentencePiece tokenizer's word-start marker after the image is kept). The default chat template reproduces the
-    `vicuna_v1` conversation format the original models were trained with.
+    It converts images to 8-bit RGB as the original codebases read them (see [`to_rgb`]: transparency dropped, 16-bit
+    images scaled to 8 bits), pads them to a square with the mean colour (LLaVA-1.5's `image_aspect_ratio="pad"`, via
+    the image processor's `do_pad`), expands each `<image>` into the number of visual tokens the model splices in, and
+    tokenizes the text around each `<image>` separately, exactly as the original codebases' `tokenizer_image_token`
+    does (so a SentencePiece tokenizer's word-start marker after the image is kept). The default chat template
+    reproduces the `vicuna_v1` conversation format the original models were trained with.
 
     Args:
         image_processor ([`LlavaImageProcessorPil`] or any image processor):
@@ -138,7 +163,8 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
 
         Args:
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a (nested) list of them, *optional*):
-                The images, in the order of the `<image>` placeholders across all prompts.
+                The images, in the order of the `<image>` placeholders across all prompts. Any PIL mode is accepted
+                and converted to RGB by [`to_rgb`] (16-bit images are scaled to 8 bits).
             text (`str` or `list[str]`):
                 The prompt(s); each `<image>` is expanded into the image's visual tokens.
             return_tensors (`str`, *optional*): `"pt"`, `"np"` or `None`.
@@ -183,6 +209,7 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
                 size = getattr(image, "size", None) if not hasattr(image, "shape") else image.shape
                 if size is not None and 0 in tuple(size):
                     raise ValueError(f"Image {index} is empty (size {tuple(size)}).")
+            flat_images = [to_rgb(image) for image in flat_images]
             pixel_values = self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs)[
                 "pixel_values"
             ]
@@ -332,4 +359,4 @@ def _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs) -> bool:
     return resolved is not None
 
 
-__all__ = ["LlavaMultiLayerInstructionProcessor", "LlavaMultiLayerProcessor", "VICUNA_V1_CHAT_TEMPLATE"]
+__all__ = ["LlavaMultiLayerInstructionProcessor", "LlavaMultiLayerProcessor", "VICUNA_V1_CHAT_TEMPLATE", "to_rgb"]
