@@ -25,7 +25,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
-from .deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserDeformableAttention, MMFuserProjector, init_deformable_attention
+from .deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserProjector, init_deformable_attention
 from .instruction_guided_fusion_llava_multilayer import InstructionEncoder, InstructionGuidedProjector
 from .internal_fusion_llava_multilayer import (
     CrossAttentionFusionDecoderLayer,
@@ -151,9 +151,11 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, MMFuserDeformableAttention):
-            init_deformable_attention(module)
-        elif isinstance(module, MMFuserBlock):
+        if isinstance(module, MMFuserBlock):
+            # The block initialises its two attentions: transformers skips `_init_weights` for modules of custom-code
+            # models that own no parameters directly, as `MMFuserDeformableAttention` (its linears are children).
+            init_deformable_attention(module.cross_attn)
+            init_deformable_attention(module.self_attn)
             init.zeros_(module.cross_attn_scale)
             init.zeros_(module.self_attn_scale)
         elif isinstance(module, CrossAttentionFusionDecoderLayer):
