@@ -22,6 +22,7 @@ models, license when the source states one, tags including `custom_code`), the f
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -47,6 +48,30 @@ def _template(family: str) -> str:
 
 def _bullets(mapping: dict) -> str:
     return "\n".join(f"- `{key}`: `{json.dumps(value)}`" for key, value in mapping.items()) or "- (none)"
+
+
+def _dropped(dropped: dict[str, str]) -> str:
+    """The dropped source tensors grouped by reason: count, and the keys' common prefix (or the key itself)."""
+    if not dropped:
+        return "- (none)"
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in dropped.items():
+        by_reason.setdefault(reason, []).append(key)
+    lines = []
+    for reason, keys in by_reason.items():
+        if len(keys) == 1:
+            lines.append(f"- `{keys[0]}`: {reason}")
+            continue
+        prefix = os.path.commonprefix(keys)
+        prefix = prefix[: prefix.rfind(".") + 1] if "." in prefix else prefix
+        lines.append(f"- {len(keys)} tensors `{prefix}*`: {reason}")
+    return "\n".join(lines)
+
+
+def _source_file(path: str) -> str:
+    """`parent/name` of a source file (several sources often share a file name such as `model.safetensors`)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 def _format_value(value) -> str:
@@ -103,14 +128,16 @@ def render_model_card(report) -> ModelCard:
         settings=_bullets(report.settings),
         source_dir=report.source_dir,
         source_format=report.source_format,
-        source_files=", ".join(f"`{Path(path).name}`" for path in report.source_files) or "-",
+        source_files=", ".join(f"`{_source_file(path)}`" for path in report.source_files) or "-",
         num_source_tensors=report.num_source_tensors,
         num_target_tensors=report.num_target_tensors,
-        dropped=_bullets(report.dropped) if report.dropped else "- (none)",
+        dropped=_dropped(report.dropped),
         converter_version=report.converter_version,
         date=report.date,
         dtype=report.dtype,
-        verified="every written tensor re-read and compared with its source" if report.verified else "not run (pass --verify)",
+        verified="every written tensor re-read and compared with its source"
+        if report.verified
+        else "not run (pass --verify)",
         parity=render_parity(report.parity),
     )
 

@@ -162,7 +162,7 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         Prepares `pixel_values`, `input_ids` and `attention_mask`.
 
         Args:
-            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a (nested) list of them, *optional*):
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, path or URL, or a (nested) list, *optional*):
                 The images, in the order of the `<image>` placeholders across all prompts. Any PIL mode is accepted
                 and converted to RGB by [`to_rgb`] (16-bit images are scaled to 8 bits).
             text (`str` or `list[str]`):
@@ -196,6 +196,9 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
                 raise ValueError(f"Prompt {index} is empty.")
         counts = [prompt.count(self.image_token) for prompt in prompts]
 
+        if images is not None:
+            # Paths and URLs (e.g. `{"type": "image", "url": ...}` chat content) are loaded as PIL images.
+            images = self.image_processor.fetch_images(images)
         flat_images = make_flat_list_of_images(images) if images is not None else []
         if sum(counts) != len(flat_images):
             raise ValueError(
