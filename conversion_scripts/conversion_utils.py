@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AddedToken, AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedConfig
 from transformers.dynamic_module_utils import custom_object_save
@@ -248,13 +247,21 @@ class CheckpointReader:
         return load_torch_file(path)[key]
 
     def iter_tensors(self, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields `(key, tensor)` shard by shard, so that at most one source shard is resident at a time."""
+        """Yields `(key, tensor)` shard by shard.
+
+        A safetensors tensor is memory-mapped, and the file is opened anew for each tensor: its pages are released
+        as soon as the caller drops it, so streaming a checkpoint keeps about one tensor resident, not a shard.
+        """
         for path in tqdm(self.files, desc="Converting shards", unit="shard", disable=not progress or len(self.files) < 2):
             if self.format == "safetensors":
                 try:
                     with safe_open(path, framework="pt") as handle:
-                        for key in handle.keys():
-                            yield key, handle.get_tensor(key)
+                        keys = list(handle.keys())
+                    for key in keys:
+                        with safe_open(path, framework="pt") as handle:
+                            tensor = handle.get_tensor(key)
+                        yield key, tensor
+                        del tensor
                 except SafetensorError as error:
                     raise ConversionError(f"Could not read {path}: {error}") from error
             else:
@@ -421,40 +428,92 @@ def generation_config_from_original(input_dir: Path, image_token_id: int) -> Gen
 # --------------------------------------------------------------------------------------------------------------
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
 class ShardedSafetensorsWriter:
-    """Writes tensors to `model-0000k-of-0000n.safetensors` shards as they arrive, flushing at `max_shard_size`."""
+    """Writes tensors to `model-0000k-of-0000n.safetensors` shards as they arrive, starting a new shard at
+    `max_shard_size`.
+
+    Each tensor's bytes go to the open shard file at once, behind room reserved for the safetensors header, which is
+    written (padded with spaces, as the format allows) when the shard is complete. Memory therefore holds the tensor
+    being written, never a shard. A header that outgrows the reserved room (more than ~1000 tensors in one shard) is
+    handled by rewriting that shard with a larger header.
+    """
+
+    header_room = 128 * 1024
 
     def __init__(self, directory: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE):
         self.directory = directory
         self.max_shard_size = max_shard_size
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_storages: set[int] = set()
-        self.pending_size = 0
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_size = 0
+        self._file = None
+        self._entries: dict[str, dict] = {}
+        self._data_size = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"Tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store.")
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_size + size > self.max_shard_size:
+        if self._entries and self._data_size + size > self.max_shard_size:
             self._flush()
-        tensor = tensor.contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in self.pending_storages:
-            # Tied tensors of a torch checkpoint share storage; safetensors stores each one on its own.
-            tensor = tensor.clone()
-        self.pending_storages.add(tensor.untyped_storage().data_ptr())
-        self.pending[key] = tensor
-        self.pending_size += size
+        if self._file is None:
+            self._open_shard()
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._entries[key] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._data_size, self._data_size + size],
+        }
+        self._data_size += size
         self.total_size += size
 
+    def _open_shard(self) -> None:
+        self._path = self.directory / f"shard-{len(self.shards):05d}.tmp"
+        self._file = open(self._path, "wb")
+        self._file.seek(8 + self.header_room)
+
     def _flush(self) -> None:
-        path = self.directory / f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_size, self.pending_storages = {}, 0, set()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(header) <= self.header_room:
+            header = header.ljust(self.header_room)
+            self._file.seek(0)
+            self._file.write(len(header).to_bytes(8, "little") + header)
+            self._file.close()
+        else:
+            self._file.close()
+            self._rewrite_with_header(header)
+        self.shards.append((self._path, list(self._entries)))
+        self._file, self._entries, self._data_size = None, {}, 0
+
+    def _rewrite_with_header(self, header: bytes) -> None:
+        header = header.ljust(-(-len(header) // 8) * 8)  # keep the data 8-byte aligned
+        rewritten = self._path.with_suffix(".rewrite")
+        with open(self._path, "rb") as source, open(rewritten, "wb") as target:
+            target.write(len(header).to_bytes(8, "little") + header)
+            source.seek(8 + self.header_room)
+            shutil.copyfileobj(source, target, 64 * 1024 * 1024)
+        rewritten.replace(self._path)
 
     def finish(self) -> None:
-        if self.pending or not self.shards:
+        if self._file is None and not self.shards:
+            self._open_shard()
+        if self._file is not None:
             self._flush()
         if len(self.shards) == 1:
             self.shards[0][0].rename(self.directory / "model.safetensors")

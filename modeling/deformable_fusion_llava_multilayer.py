@@ -46,11 +46,85 @@ def grid_reference_points(side: int, device: torch.device) -> torch.Tensor:
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)[None, :, None]
 
 
+class MMFuserDeformableSampling(MultiScaleDeformableAttention):
+    """transformers' `MultiScaleDeformableAttention` (Deformable-DETR's sampling core) with a faster forward.
+
+    Same signature and math as transformers' pure-PyTorch forward, which permutes every level into an image,
+    bilinearly samples it with `grid_sample` (points on the innermost axis), stacks all levels and points and reduces
+    them. Here each sampling point instead becomes its four bilinear corners, each a row of `value` (the heads'
+    channels are contiguous there, so `value` is used as it is, without per-level copies) with weight `attention
+    weight x bilinear weight` (0 outside the map, like `grid_sample`'s zero padding with `align_corners=False`), and
+    `embedding_bag` sums the weighted rows. Only the order of the products and sums differs (float32 round-off,
+    ~1e-6 relative). Gradients flow to `value`, the locations and the attention weights.
+
+    It stays a `MultiScaleDeformableAttention`, so `from_pretrained(..., use_kernels=True)` still replaces its forward
+    by the hub's compiled kernel on CUDA.
+    """
+
+    def forward(
+        self,
+        value: torch.Tensor,
+        value_spatial_shapes: torch.Tensor,
+        value_spatial_shapes_list: list[tuple[int, int]],
+        level_start_index: torch.Tensor,
+        sampling_locations: torch.Tensor,
+        attention_weights: torch.Tensor,
+        im2col_step: int,
+    ) -> torch.Tensor:
+        """
+        Args:
+            value: `(batch, sum(h * w), heads, head_dim)`, the levels concatenated row-major.
+            value_spatial_shapes: `(levels, 2)` long tensor of `(height, width)`; `value_spatial_shapes_list` the same.
+            level_start_index: `(levels,)`, offset of each level in `value`.
+            sampling_locations: `(batch, queries, heads, levels, points, 2)`, normalised `(x, y)`.
+            attention_weights: `(batch, queries, heads, levels, points)`.
+            im2col_step: used by compiled kernels only.
+
+        Returns:
+            `(batch, queries, heads * head_dim)`, in the dtype of `sampling_locations`.
+        """
+        batch_size, num_values, num_heads, head_dim = value.shape
+        num_queries = sampling_locations.shape[1]
+        dtype = sampling_locations.dtype
+        heights = value_spatial_shapes[:, 0, None]  # (levels, 1): broadcasts over the points
+        widths = value_spatial_shapes[:, 1, None]
+        # Pixel coordinates (batch, queries, heads, levels, points); pixel centres sit at (k + 0.5) / size.
+        x = sampling_locations[..., 0] * widths - 0.5
+        y = sampling_locations[..., 1] * heights - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        x0, y0 = x0.long(), y0.long()
+        # Bilinear weights of the left/right and top/bottom corners, 0 where a corner lies outside the map.
+        left = (1 - fx) * ((x0 >= 0) & (x0 < widths))
+        right = fx * ((x0 >= -1) & (x0 < widths - 1))
+        attention_weights = attention_weights.to(dtype)
+        top = attention_weights * (1 - fy) * ((y0 >= 0) & (y0 < heights))
+        bottom = attention_weights * fy * ((y0 >= -1) & (y0 < heights - 1))
+        # (batch, queries, heads, 4 corners, levels, points)
+        corner_weights = torch.stack([top * left, top * right, bottom * left, bottom * right], dim=3)
+        # Row of each corner in `value` viewed as (batch * tokens * heads, head_dim); a corner outside the map weighs 0,
+        # so clamping it to any row in range is harmless.
+        batch_start = torch.arange(batch_size, device=value.device).view(-1, 1, 1, 1, 1) * num_values
+        heads = torch.arange(num_heads, device=value.device).view(1, 1, -1, 1, 1)
+        top_left = (batch_start + level_start_index[:, None] + y0 * widths + x0) * num_heads + heads
+        row_step = widths * num_heads
+        rows = torch.stack([top_left, top_left + num_heads, top_left + row_step, top_left + row_step + num_heads], dim=3)
+        rows = rows.clamp_(0, batch_size * num_values * num_heads - 1)
+        bags = batch_size * num_queries * num_heads  # one bag per query and head
+        output = nn.functional.embedding_bag(
+            rows.view(bags, -1),
+            value.reshape(-1, head_dim).to(dtype),
+            per_sample_weights=corner_weights.view(bags, -1),
+            mode="sum",
+        )
+        return output.view(batch_size, num_queries, num_heads * head_dim)
+
+
 class MMFuserDeformableAttention(nn.Module):
     """Multi-scale deformable attention (Deformable-DETR) with the sampling done in float32, as MMFuser does.
 
-    The sampling core is transformers' `MultiScaleDeformableAttention`, which picks up a compiled kernel where the
-    `kernels` package provides one.
+    The sampling core is [`MMFuserDeformableSampling`], a transformers `MultiScaleDeformableAttention` that picks up
+    a compiled kernel where the `kernels` package provides one (`use_kernels=True`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_levels: int, num_points: int):
@@ -62,7 +136,7 @@ class MMFuserDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(hidden_size, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(hidden_size, hidden_size)
         self.output_proj = nn.Linear(hidden_size, hidden_size)
-        self.attn = MultiScaleDeformableAttention()
+        self.attn = MMFuserDeformableSampling()
 
     def forward(
         self,
@@ -176,4 +250,10 @@ def init_deformable_attention(module: MMFuserDeformableAttention) -> None:
     init.zeros_(module.output_proj.bias)
 
 
-__all__ = ["MMFuserBlock", "MMFuserDeformableAttention", "MMFuserProjector", "init_deformable_attention"]
+__all__ = [
+    "MMFuserBlock",
+    "MMFuserDeformableAttention",
+    "MMFuserDeformableSampling",
+    "MMFuserProjector",
+    "init_deformable_attention",
+]

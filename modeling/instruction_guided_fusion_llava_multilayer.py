@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedConfig
 
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
-from .projection_llava_multilayer import FusionOutput, LlavaMultiLayerMLPProjector
+from .projection_llava_multilayer import FusionOutput, LlavaMultiLayerMLPProjector, mean_of_hidden_states
 
 
 class InstructionEncoder(nn.Module):
@@ -104,11 +104,10 @@ class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
         self, vision_hidden_states: tuple[torch.Tensor, ...], instruction_embeds: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the concatenated `(num_images, tokens, 2 * vision_hidden)` features and the group weights."""
-        groups = torch.stack(
-            [torch.stack([vision_hidden_states[i] for i in group]).mean(0) for group in self.layer_groups], dim=1
-        )  # (num_images, groups, 1 + tokens, vision_hidden)
+        # One (num_images, 1 + tokens, vision_hidden) mean per group.
+        groups = [mean_of_hidden_states(vision_hidden_states, group) for group in self.layer_groups]
         if self.aggregate_by_average:
-            weights = groups.new_full(groups.shape[:2], 1.0 / groups.shape[1])
+            weights = groups[0].new_full((groups[0].shape[0], len(groups)), 1.0 / len(groups))
         else:
             if instruction_embeds is None:
                 raise ValueError(
@@ -122,8 +121,11 @@ class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
                     f"`instruction_embeds` must have shape (num_images, {expected_width}) (one instruction embedding "
                     f"per image), got {tuple(instruction_embeds.shape)}."
                 )
-            weights = self.aggregator(groups[:, :, 0], instruction_embeds.to(groups.dtype))
-        fused = (weights[:, :, None, None] * groups[:, :, 1:]).sum(1)
+            group_cls = torch.stack([group[:, 0] for group in groups], dim=1)  # (num_images, groups, vision_hidden)
+            weights = self.aggregator(group_cls, instruction_embeds.to(group_cls.dtype))
+        fused = weights[:, 0, None, None] * groups[0][:, 1:]
+        for index in range(1, len(groups)):
+            fused = fused + weights[:, index, None, None] * groups[index][:, 1:]
         base = vision_hidden_states[self.base_layer][:, 1:]
         return torch.cat([base, fused], dim=-1), weights
 

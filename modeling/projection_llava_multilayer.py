@@ -47,8 +47,16 @@ def select_vision_feature(
     if isinstance(layer, int):
         feature = hidden_states[layer]
     else:
-        feature = torch.stack([hidden_states[index] for index in layer]).sum(0) / len(layer)
+        feature = mean_of_hidden_states(hidden_states, layer)
     return feature[:, 1:] if strategy == "default" else feature
+
+
+def mean_of_hidden_states(hidden_states: tuple[torch.Tensor, ...], layers: list[int]) -> torch.Tensor:
+    """Arithmetic mean of `hidden_states[i]` over `layers`, summed in list order without stacking the layers."""
+    total = hidden_states[layers[0]].clone()
+    for index in layers[1:]:
+        total += hidden_states[index]
+    return total / len(layers)
 
 
 class LlavaMultiLayerMLPProjector(nn.Module):
@@ -105,5 +113,6 @@ __all__ = [
     "FusionOutput",
     "LlavaMultiLayerMLPProjector",
     "SingleLayerProjector",
+    "mean_of_hidden_states",
     "select_vision_feature",
 ]
