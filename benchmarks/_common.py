@@ -33,51 +33,17 @@ from pathlib import Path
 
 import torch
 
+from llava_multilayer.configuration import presets
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-CLIP_L_336 = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "image_size": 336,
-    "patch_size": 14,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "projection_dim": 768,
-}
-SIGLIP_SO400M_384 = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
-VICUNA_7B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32064,  # llava-hf's padded vocabulary: the image token (32000) lies inside it, as Llava requires
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-}
-MPNET_BASE = {
-    "model_type": "mpnet",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "vocab_size": 30527,
-}
+# The real geometries come from the package's presets; the benchmarks differ in two places on purpose.
+CLIP_L_336 = presets.CLIP_L_336
+SIGLIP_SO400M_384 = {**presets.SIGLIP_SO400M_384, "num_hidden_layers": 27}  # the full so400m tower
+# llava-hf's padded vocabulary: the image token (32000) lies inside it, as transformers' Llava requires.
+VICUNA_7B = {**presets.VICUNA_7B, "vocab_size": 32064}
+MPNET_BASE = presets.MPNET_BASE
 IMAGE_TOKEN_ID = 32000
 
 # --quick: the same depths (so the published layer selections stay valid), tiny widths and a 6x6 patch grid.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import pickle
 import re
@@ -51,6 +52,8 @@ from llava_multilayer import (
     LlavaMultiLayerForConditionalGeneration,
     LlavaMultiLayerProcessor,
 )
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -928,6 +931,14 @@ def push_to_hub(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def finish_command(args: argparse.Namespace, report: ConversionReport) -> None:
+    """The end of every converter's command line: logs the measured parity and, with --push-to-hub, uploads."""
+    if report.parity:
+        logger.info("Parity: %s", report.parity)
+    if args.push_to_hub:
+        logger.info("Uploaded to %s", push_to_hub(args.output_dir, args.push_to_hub, private=args.private))
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every family converter shares."""
     parser.add_argument("--input-dir", required=True, help="Checkpoint directory written by the original training code.")
@@ -961,6 +972,7 @@ __all__ = [
     "build_processor",
     "expected_target_shapes",
     "expected_target_tensors",
+    "finish_command",
     "fixture_parity_check",
     "generation_config_from_original",
     "load_original_config",

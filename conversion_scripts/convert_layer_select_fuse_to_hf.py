@@ -71,6 +71,7 @@ from llava_multilayer.conversion.conversion_utils import (
     add_common_arguments,
     build_image_processor,
     build_processor,
+    finish_command,
     fixture_parity_check,
     generation_config_from_original,
     load_original_config,
@@ -78,7 +79,6 @@ from llava_multilayer.conversion.conversion_utils import (
     load_torch_file,
     load_vision_config,
     num_image_tokens,
-    push_to_hub,
     resolve_local_dir,
     run_conversion,
     text_config_from_original,
@@ -812,10 +812,7 @@ def main(argv: list[str] | None = None) -> None:
         settings["encoder"],
         args.output_dir,
     )
-    if report.parity:
-        logger.info("Parity: %s", report.parity)
-    if args.push_to_hub:
-        logger.info("Uploaded to %s", push_to_hub(args.output_dir, args.push_to_hub, private=args.private))
+    finish_command(args, report)
 
 
 if __name__ == "__main__":
