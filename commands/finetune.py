@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
 from llava_multilayer import (
     LlavaMultiLayerConfig,
     LlavaMultiLayerForConditionalGeneration,
@@ -358,8 +359,7 @@ def finetune(
         "per_device_train_batch_size": per_device_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "bf16": bf16,
-        "activation_checkpointing": gradient_checkpointing,
-        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        **checkpointing_training_arguments(gradient_checkpointing, {"use_reentrant": False}),
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.03,
         "weight_decay": 0.0,

@@ -17,11 +17,32 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 FUSION_TYPES = ("single", "concat", "mmfuser", "igva")
 INTERNAL_FUSION_TYPES = ("add", "cross_attention")
 INTERNAL_FUSION_PLACEMENTS = ("pre_cross", "post_cross", "parallel")
+
+
+# LLaVA-1.5's vision tower, CLIP ViT-L/14 at 336 px, the default of all three original codebases.
+DEFAULT_VISION_CONFIG = {
+    "intermediate_size": 4096,
+    "hidden_size": 1024,
+    "patch_size": 14,
+    "image_size": 336,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "projection_dim": 768,
+}
+
+
+def _sub_config(value: dict | PreTrainedConfig | None, default_model_type: str, defaults: dict | None = None):
+    """A sub-config from a config, a dict (its `model_type` defaults to `default_model_type`) or `None` (defaults)."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if value is None:
+        return AutoConfig.for_model(default_model_type, **(defaults or {}))
+    value = dict(value)
+    return AutoConfig.for_model(value.pop("model_type", default_model_type), **value)
 
 
 def _flatten_layers(layers) -> list[int]:
@@ -119,23 +140,7 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
     model_type = "llava_multilayer"
     attribute_map = {"image_token_index": "image_token_id"}
 
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_vision_model",
-            init_kwargs={
-                "intermediate_size": 4096,
-                "hidden_size": 1024,
-                "patch_size": 14,
-                "image_size": 336,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "projection_dim": 768,
-            },
-        ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "instruction_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="mpnet", optional=True),
-    }
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig, "instruction_encoder_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -163,6 +168,11 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # Sub-configs are resolved here rather than through `sub_configs_defaults` (transformers >= 5.21 only).
+        self.vision_config = _sub_config(self.vision_config, "clip_vision_model", DEFAULT_VISION_CONFIG)
+        self.text_config = _sub_config(self.text_config, "llama")
+        if self.instruction_encoder_config is not None:
+            self.instruction_encoder_config = _sub_config(self.instruction_encoder_config, "mpnet")
         super().__post_init__(**kwargs)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = self.text_config.tie_word_embeddings

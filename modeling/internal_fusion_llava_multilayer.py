@@ -20,9 +20,15 @@ model) and reuses its `forward` where the residual structure allows it:
 - `FeatureInjectionDecoderLayer` (I_D, `internal_fusion_type="add"`): the projected features are added to the
   image-token positions of the hidden state entering the layer, at prefill only.
 - `CrossAttentionFusionDecoderLayer` (I_M, `internal_fusion_type="cross_attention"`): a gated cross-attention to the
-  projected features plus a gated MLP; its keys/values are computed once at prefill and kept in the cache.
+  projected features plus a gated MLP.
+
+The visual inputs reach the layers as the explicit keyword argument `internal_fusion_inputs` (a dict from decoder
+layer index to that layer's inputs), which the language model's forward hands to every decoder layer with its other
+keyword arguments; layers that fuse nothing ignore it. The cross-attention keys/values of I_M are computed once per
+prompt and kept by a `CrossAttentionKeyValueStore` for the decode steps that continue the same cache.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,26 +37,58 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-CROSS_CACHE_ATTRIBUTE = "llava_multilayer_cross_key_values"
-
 
 @dataclass
-class InternalFusionInputs:
-    """Visual inputs of one internal-fusion layer for the current forward.
+class FeatureInjectionInputs:
+    """Visual inputs of one I_D layer at prefill.
 
     Args:
-        features (`torch.Tensor` of shape `(batch, num_visual_tokens, hidden)`):
-            For `add`: the features of every image, flattened in image order as `(num_images * tokens, hidden)`.
-            For `cross_attention`: each row's images concatenated, padded to the longest row.
-        feature_mask (`torch.Tensor` of shape `(batch, num_visual_tokens)`, *optional*):
-            `cross_attention` only: `True` where `features` holds a real visual token.
-        image_token_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*):
-            `add` only: `True` at the image-token positions of the sequence.
+        features (`torch.Tensor` of shape `(num_images * num_image_tokens, hidden)`):
+            The projected features of every image, flattened in image order.
+        image_token_mask (`torch.Tensor` of shape `(batch, seq_len)`):
+            `True` at the image-token positions of the sequence.
     """
 
     features: torch.Tensor
-    feature_mask: torch.Tensor | None = None
-    image_token_mask: torch.Tensor | None = None
+    image_token_mask: torch.Tensor
+
+
+@dataclass
+class CrossAttentionInputs:
+    """Visual keys/values of one I_M layer.
+
+    Args:
+        keys, values (`torch.Tensor` of shape `(batch, heads, num_visual_tokens, head_dim)`):
+            Projections of each row's images, concatenated and padded to the longest row.
+        feature_mask (`torch.Tensor` of shape `(batch, num_visual_tokens)`):
+            `True` where a row holds a real visual token.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    feature_mask: torch.Tensor
+
+
+class CrossAttentionKeyValueStore:
+    """The I_M keys/values of a prompt, kept for the decode steps that continue its cache.
+
+    An entry is written when a prompt's images are encoded and belongs to the cache object of that forward: decode
+    steps passing the same cache read it, and it disappears with the cache (weak reference), so its lifetime is that
+    of one `generate` call, or of a cache that the caller keeps.
+    """
+
+    def __init__(self):
+        self._entries: weakref.WeakKeyDictionary[Cache, dict[int, CrossAttentionInputs]] = weakref.WeakKeyDictionary()
+
+    def put(self, cache: Cache, inputs: dict[int, CrossAttentionInputs]) -> None:
+        self._entries[cache] = inputs
+
+    def get(self, cache: Cache | None) -> dict[int, CrossAttentionInputs] | None:
+        return None if cache is None else self._entries.get(cache)
+
+    def __deepcopy__(self, memo):
+        # Entries belong to caches of the original model; a copy starts empty.
+        return type(self)()
 
 
 class InternalFusionDecoderLayer(GradientCheckpointingLayer):
@@ -65,24 +103,26 @@ class InternalFusionDecoderLayer(GradientCheckpointingLayer):
             self.add_module(name, child)
         self.layer_idx = layer_idx
         self.decoder_layer_class = type(decoder_layer)
-        self.fusion_inputs: InternalFusionInputs | None = None
 
     def decoder_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The wrapped decoder layer's own forward, run on the adopted modules."""
         return self.decoder_layer_class.forward(self, hidden_states, *args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
-        # Bind the visual inputs here, before `forward` is (optionally) checkpointed, so a recompute sees them too.
-        return super().__call__(*args, fusion_inputs=self.fusion_inputs, **kwargs)
-
 
 class FeatureInjectionDecoderLayer(InternalFusionDecoderLayer):
     """I_D: `hidden[image positions] += features` before the decoder layer, at prefill (no gate, no norm)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args, fusion_inputs=None, **kwargs) -> torch.Tensor:
-        if fusion_inputs is not None:
-            mask = fusion_inputs.image_token_mask.unsqueeze(-1).to(hidden_states.device)
-            features = fusion_inputs.features.to(hidden_states.device, hidden_states.dtype)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *args,
+        internal_fusion_inputs: dict[int, FeatureInjectionInputs] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        inputs = internal_fusion_inputs.get(self.layer_idx) if internal_fusion_inputs else None
+        if inputs is not None:
+            mask = inputs.image_token_mask.unsqueeze(-1).to(hidden_states.device)
+            features = inputs.features.to(hidden_states.device, hidden_states.dtype)
             hidden_states = hidden_states + torch.zeros_like(hidden_states).masked_scatter(mask, features)
         return self.decoder_forward(hidden_states, *args, **kwargs)
 
@@ -107,6 +147,7 @@ class FusionCrossAttention(nn.Module):
         """`(batch, tokens, hidden)` -> keys and values `(batch, heads, tokens, head_dim)`."""
         batch_size, num_tokens, _ = features.shape
         shape = (batch_size, num_tokens, self.num_heads, self.head_dim)
+        features = features.to(self.k_proj.weight.device, self.k_proj.weight.dtype)
         return self.k_proj(features).view(shape).transpose(1, 2), self.v_proj(features).view(shape).transpose(1, 2)
 
     def forward(
@@ -161,74 +202,55 @@ class CrossAttentionFusionDecoderLayer(InternalFusionDecoderLayer):
         if placement in ("post_cross", "parallel"):
             self.cross_mlp_norm = norm_class(hidden_size, eps=eps)
 
-    def _cross_key_values(self, fusion_inputs: InternalFusionInputs | None, past_key_values: Cache | None):
-        """Keys, values and mask of the visual tokens: computed at prefill, then read from the cache."""
-        cached = getattr(past_key_values, CROSS_CACHE_ATTRIBUTE, None) if past_key_values is not None else None
-        if fusion_inputs is None:
-            return None if cached is None else cached.get(self.layer_idx)
-        keys, values = self.cross_attn.key_values(fusion_inputs.features)
-        entry = (keys, values, fusion_inputs.feature_mask)
-        if past_key_values is not None:
-            if cached is None:
-                cached = {}
-                setattr(past_key_values, CROSS_CACHE_ATTRIBUTE, cached)
-            cached[self.layer_idx] = entry
-        return entry
+    def cross_attention_inputs(self, features: torch.Tensor, feature_mask: torch.Tensor) -> CrossAttentionInputs:
+        """Keys/values of the `(batch, num_visual_tokens, hidden)` features, once per prompt."""
+        keys, values = self.cross_attn.key_values(features)
+        return CrossAttentionInputs(keys, values, feature_mask)
 
-    def _gated_cross_attention(self, hidden_states, cross_entry, position_ids):
-        if cross_entry is None:
+    def _gated_cross_attention(self, hidden_states, inputs: CrossAttentionInputs | None, position_ids):
+        if inputs is None:
             return torch.zeros_like(hidden_states)
-        keys, values, feature_mask = cross_entry
-        attended = self.cross_attn(hidden_states, keys, values, feature_mask, position_ids)
+        attended = self.cross_attn(hidden_states, inputs.keys, inputs.values, inputs.feature_mask, position_ids)
         return self.cross_attn_gate.tanh() * attended
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        fusion_inputs: InternalFusionInputs | None = None,
+        internal_fusion_inputs: dict[int, CrossAttentionInputs] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         if position_ids is None:
             raise ValueError("Cross-attention fusion needs the `position_ids` the language model passes its layers.")
-        cross_entry = self._cross_key_values(fusion_inputs, past_key_values)
-        attention_kwargs = {
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "past_key_values": past_key_values,
-            "use_cache": use_cache,
-            "position_embeddings": position_embeddings,
-            **kwargs,
-        }
+        cross_inputs = internal_fusion_inputs.get(self.layer_idx) if internal_fusion_inputs else None
+        attention_kwargs = {"position_ids": position_ids, **kwargs}
         if self.placement == "post_cross":
             hidden_states = self.decoder_forward(hidden_states, **attention_kwargs)
             hidden_states = hidden_states + self._gated_cross_attention(
-                self.cross_attn_norm(hidden_states), cross_entry, position_ids
+                self.cross_attn_norm(hidden_states), cross_inputs, position_ids
             )
             return hidden_states + self.cross_mlp_gate.tanh() * self.cross_mlp(self.cross_mlp_norm(hidden_states))
 
         normed = self.input_layernorm(hidden_states)
         if self.placement == "pre_cross":
-            fused = normed + self._gated_cross_attention(normed, cross_entry, position_ids)
+            fused = normed + self._gated_cross_attention(normed, cross_inputs, position_ids)
             fused = fused + self.cross_mlp_gate.tanh() * self.cross_mlp(fused)
             attended, _ = self.self_attn(hidden_states=fused, **attention_kwargs)
             hidden_states = self.post_attention_layernorm(hidden_states + attended)
             return hidden_states + self.mlp(hidden_states)
 
         attended, _ = self.self_attn(hidden_states=normed, **attention_kwargs)
-        hidden_states = hidden_states + attended + self._gated_cross_attention(normed, cross_entry, position_ids)
+        hidden_states = hidden_states + attended + self._gated_cross_attention(normed, cross_inputs, position_ids)
         hidden_states = hidden_states + self.cross_mlp_gate.tanh() * self.cross_mlp(self.cross_mlp_norm(hidden_states))
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 __all__ = [
     "CrossAttentionFusionDecoderLayer",
+    "CrossAttentionInputs",
+    "CrossAttentionKeyValueStore",
     "FeatureInjectionDecoderLayer",
+    "FeatureInjectionInputs",
     "FusionCrossAttention",
     "InternalFusionDecoderLayer",
-    "InternalFusionInputs",
 ]

@@ -20,18 +20,19 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
+from .compatibility_llava_multilayer import cache_keyword, output_fields, resolve_cache_argument, returned_cache
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
 from .deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserProjector, init_deformable_attention
 from .instruction_guided_fusion_llava_multilayer import InstructionEncoder, InstructionGuidedProjector
 from .internal_fusion_llava_multilayer import (
     CrossAttentionFusionDecoderLayer,
+    CrossAttentionKeyValueStore,
     FeatureInjectionDecoderLayer,
+    FeatureInjectionInputs,
     InternalFusionDecoderLayer,
-    InternalFusionInputs,
 )
 from .projection_llava_multilayer import (
     ConcatProjector,
@@ -50,22 +51,27 @@ PROJECTOR_CLASSES = {
 
 
 @dataclass
-class LlavaMultiLayerImageFeaturesOutput(ModelOutput):
+class LlavaMultiLayerImageFeaturesOutput(BaseModelOutputWithPooling):
     r"""
-    image_features (`torch.Tensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
-        Visual tokens spliced at the image-token positions (the external fuser's output).
+    last_hidden_state (`torch.Tensor` of shape `(num_images, num_patches, vision_hidden_size)`):
+        Last hidden state of the vision tower.
+    pooler_output (`torch.Tensor` of shape `(num_images, num_image_tokens, text_hidden_size)`):
+        Visual tokens spliced at the image-token positions (the external fuser's output; also `image_features`).
+    hidden_states (`tuple(torch.Tensor)`):
+        All hidden states of the vision tower (embeddings first), which the fusers consume.
     internal_image_features (`tuple(torch.Tensor)`, *optional*):
         One `(num_images, num_image_tokens, text_hidden_size)` tensor per internal feature layer.
     fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
         Weights of the layer groups chosen by the instruction (`igva` only).
-    last_hidden_state (`torch.Tensor`, *optional*):
-        Last hidden state of the vision tower.
     """
 
-    image_features: torch.Tensor | None = None
     internal_image_features: tuple[torch.Tensor, ...] | None = None
     fusion_weights: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
+
+    @property
+    def image_features(self) -> torch.Tensor | None:
+        """The visual tokens spliced at the image-token positions (`pooler_output`)."""
+        return self.pooler_output
 
 
 @dataclass
@@ -82,25 +88,14 @@ class LlavaMultiLayerModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class LlavaMultiLayerCausalLMOutputWithPast(ModelOutput):
+class LlavaMultiLayerCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    loss (`torch.Tensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
-        Language modeling loss (for next-token prediction).
-    logits (`torch.Tensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        Prediction scores of the language modeling head.
-    past_key_values (`Cache`, *optional*):
-        The key/value cache (including the cross-attention keys/values of internal fusion layers).
     image_hidden_states (`torch.Tensor`, *optional*):
         `(num_images, num_image_tokens, text_hidden_size)` visual tokens spliced into the sequence.
     fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
         Weights of the layer groups chosen by the instruction (`igva` only).
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
     image_hidden_states: torch.Tensor | None = None
     fusion_weights: torch.Tensor | None = None
 
@@ -123,7 +118,7 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -180,6 +175,7 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
                 for _ in config.internal_feature_layers
             )
         self.language_model = AutoModel.from_config(config.text_config)
+        self.cross_attention_store = CrossAttentionKeyValueStore()
         if config.internal_fusion_type is not None:
             self._wrap_internal_fusion_layers()
         self.post_init()
@@ -273,10 +269,12 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
                 for projector, layer in zip(self.internal_projectors, self.config.internal_feature_layers)
             )
         return LlavaMultiLayerImageFeaturesOutput(
-            image_features=fusion.image_features,
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=fusion.image_features,
+            hidden_states=hidden_states,
+            attentions=vision_outputs.attentions,
             internal_image_features=internal_features,
             fusion_weights=fusion.fusion_weights,
-            last_hidden_state=vision_outputs.last_hidden_state,
         )
 
     def _image_token_mask(self, input_ids, inputs_embeds):
@@ -292,34 +290,44 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def _set_internal_fusion_inputs(self, image_features, image_token_mask) -> None:
+    def _internal_fusion_inputs(
+        self,
+        image_features: LlavaMultiLayerImageFeaturesOutput | None,
+        image_token_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> dict | None:
+        """The `internal_fusion_inputs` the fusing decoder layers read: `{decoder_layer_index: inputs}`, or `None`.
+
+        I_D layers get their features at prefill only. I_M layers get keys/values computed from this prompt's images,
+        or, at a decode step, those computed at the prefill of the same cache."""
         layers = self.internal_fusion_layers
+        if not layers:
+            return None
         if image_features is None:
-            for layer in layers:
-                layer.fusion_inputs = None
-            return
+            return self.cross_attention_store.get(cache) if self.config.internal_fusion_type == "cross_attention" else None
         features = image_features.internal_image_features
         layer_to_feature = self.config.internal_layer_to_feature
         if self.config.internal_fusion_type == "add":
-            for layer in layers:
-                feature = features[layer_to_feature[layer.layer_idx]]
-                layer.fusion_inputs = InternalFusionInputs(
-                    feature.reshape(-1, feature.shape[-1]), image_token_mask=image_token_mask
+            return {
+                layer.layer_idx: FeatureInjectionInputs(
+                    features[layer_to_feature[layer.layer_idx]].flatten(0, 1), image_token_mask
                 )
-            return
+                for layer in layers
+            }
         num_tokens = image_features.image_features.shape[1]
         images_per_row = (image_token_mask.sum(-1) // num_tokens).tolist()
-        max_images = max(images_per_row)
         batch_size = image_token_mask.shape[0]
-        feature_mask = torch.zeros(batch_size, max(max_images, 1) * num_tokens, dtype=torch.bool)
+        feature_mask = torch.zeros(batch_size, max(max(images_per_row), 1) * num_tokens, dtype=torch.bool)
         for row, count in enumerate(images_per_row):
             feature_mask[row, : count * num_tokens] = True
         feature_mask = feature_mask.to(image_token_mask.device)
+        inputs = {}
         for layer in layers:
             feature = features[layer_to_feature[layer.layer_idx]]
             per_row = feature.new_zeros(batch_size, feature_mask.shape[1], feature.shape[-1])
-            per_row[feature_mask] = feature.reshape(-1, feature.shape[-1])
-            layer.fusion_inputs = InternalFusionInputs(per_row, feature_mask=feature_mask)
+            per_row[feature_mask] = feature.flatten(0, 1)
+            inputs[layer.layer_idx] = layer.cross_attention_inputs(per_row, feature_mask)
+        return inputs
 
     @can_return_tuple
     def forward(
@@ -328,14 +336,17 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         instruction_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LlavaMultiLayerModelOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            The key/value cache; `past_key_values`, its name before transformers 5.24, is accepted too.
         instruction_input_ids (`torch.LongTensor` of shape `(num_images, instruction_length)`, *optional*):
             The instruction tokenized by the instruction encoder's tokenizer (`igva`; the processor makes them).
         instruction_attention_mask (`torch.Tensor` of shape `(num_images, instruction_length)`, *optional*):
@@ -343,6 +354,7 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         instruction_embeds (`torch.Tensor` of shape `(num_images, encoder_hidden)`, *optional*):
             Precomputed instruction embeddings, instead of `instruction_input_ids`.
         """
+        cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         image_token_mask = None
@@ -375,28 +387,27 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             mask = image_token_mask.unsqueeze(-1).to(inputs_embeds.device)
             inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
         elif image_token_mask is not None and image_token_mask.any():
-            if past_key_values is None or past_key_values.get_seq_length() == 0:
+            if cache is None or cache.get_seq_length() == 0:
                 raise ValueError(
                     "The prompts contain image tokens but no `pixel_values` were given: pass the images too."
                 )
 
-        self._set_internal_fusion_inputs(image_features, image_token_mask)
-        try:
-            outputs = self.language_model(
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                **kwargs,
-            )
-        finally:
-            self._set_internal_fusion_inputs(None, None)
+        internal_fusion_inputs = self._internal_fusion_inputs(image_features, image_token_mask, cache)
+        if internal_fusion_inputs is not None:
+            kwargs["internal_fusion_inputs"] = internal_fusion_inputs
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **cache_keyword(cache),
+            **kwargs,
+        )
+        if image_features is not None and self.config.internal_fusion_type == "cross_attention":
+            if (returned := returned_cache(outputs)) is not None:
+                self.cross_attention_store.put(returned, internal_fusion_inputs)
 
         return LlavaMultiLayerModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            **output_fields(LlavaMultiLayerModelOutputWithPast, outputs),
             image_hidden_states=image_features.image_features if image_features is not None else None,
             fusion_weights=image_features.fusion_weights if image_features is not None else None,
         )
@@ -454,16 +465,19 @@ class LlavaMultiLayerForConditionalGeneration(LlavaMultiLayerPreTrainedModel, Ge
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         instruction_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> LlavaMultiLayerCausalLMOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            The key/value cache; `past_key_values`, its name before transformers 5.24, is accepted too.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Labels for the language modeling loss; `-100` positions (image tokens, prompts) are ignored.
 
@@ -486,28 +500,22 @@ class LlavaMultiLayerForConditionalGeneration(LlavaMultiLayerPreTrainedModel, Ge
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             instruction_input_ids=instruction_input_ids,
             instruction_attention_mask=instruction_attention_mask,
             instruction_embeds=instruction_embeds,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
         return LlavaMultiLayerCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            fusion_weights=outputs.fusion_weights,
+            loss=loss, logits=logits, **output_fields(LlavaMultiLayerCausalLMOutputWithPast, outputs)
         )
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):

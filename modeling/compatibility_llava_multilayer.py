@@ -1,0 +1,93 @@
+# Copyright 2026 The llava-multilayer authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The one place that knows how the supported transformers releases differ.
+
+The model code is also the remote code of every saved checkpoint, so it meets whatever transformers release its user
+has. Everything that depends on the release lives here, with the release that changed it:
+
+- transformers 5.24 renamed the cache argument of every forward and the cache field of every output from
+  `past_key_values` to `cache` (the old keyword still works there, with a deprecation warning). The model accepts
+  both names and hands the cache on under the name the installed release uses.
+- transformers 5.23 renamed gradient checkpointing to activation checkpointing (`activation_checkpointing_enable`,
+  `is_activation_checkpointing`, the `activation_checkpointing*` training arguments); the old names still work
+  there, with a deprecation warning.
+"""
+
+import dataclasses
+
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+# The name under which the installed transformers passes the cache to forwards and returns it in outputs.
+CACHE_ARGUMENT = next(
+    name for name in ("cache", "past_key_values") if name in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+)
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """Returns the cache given under either name (`cache` since transformers 5.24, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+    return cache if cache is not None else past_key_values
+
+
+def cache_keyword(cache: Cache | None) -> dict[str, Cache | None]:
+    """`{name: cache}` with the cache argument's name of the installed transformers, to splat into a forward call."""
+    return {CACHE_ARGUMENT: cache}
+
+
+def output_fields(output_class: type, outputs) -> dict:
+    """The entries of the `ModelOutput` `outputs` that are fields of the dataclass `output_class`, whatever the
+    installed transformers names them (the cache included)."""
+    names = {field.name for field in dataclasses.fields(output_class)}
+    return {key: value for key, value in outputs.items() if key in names}
+
+
+def returned_cache(outputs) -> Cache | None:
+    """The cache a language model returned, under whichever name the installed transformers uses."""
+    return next((value for value in outputs.values() if isinstance(value, Cache)), None)
+
+
+def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = None) -> None:
+    """Turns on activation (gradient) checkpointing of a transformers model under either release's name."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(checkpointing_kwargs)
+
+
+def is_activation_checkpointing(model) -> bool:
+    """Whether activation (gradient) checkpointing is on, under either release's name."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
+def checkpointing_training_arguments(enabled: bool, checkpointing_kwargs: dict | None = None) -> dict:
+    """The `TrainingArguments` keywords that turn activation checkpointing on or off in the installed release."""
+    from transformers import TrainingArguments  # the trainer is not needed to run a model
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": checkpointing_kwargs}
+
+
+__all__ = [
+    "CACHE_ARGUMENT",
+    "cache_keyword",
+    "checkpointing_training_arguments",
+    "enable_activation_checkpointing",
+    "is_activation_checkpointing",
+    "output_fields",
+    "resolve_cache_argument",
+    "returned_cache",
+]
