@@ -15,8 +15,10 @@ version = next(
     if line.startswith("__version__")
 )
 
+# The supported ranges are the tested ones: .ci/run tests the newest releases that resolve and, in a second
+# environment, the lower bounds pinned in .ci/lower-bounds.txt (a test checks that both files agree).
 extras = {
-    "peft": ["peft>=0.17"],
+    "peft": ["peft>=0.18.0,<1"],
     "quantization": ["bitsandbytes>=0.45"],
     "convert": ["sentencepiece>=0.2", "protobuf>=4"],
 }
@@ -24,6 +26,19 @@ extras["test"] = sorted(
     {*extras["peft"], *extras["quantization"], *extras["convert"], "pytest>=8", "hypothesis>=6"}
 )
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
+
+# Read by tests/test_supported_versions.py (as literals, without running this file).
+install_requires = [
+    "torch>=2.13,<2.15",
+    "transformers>=5.16.1,<6",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "huggingface_hub>=1.0",
+    "accelerate>=1.0",
+    "numpy",
+    "pillow",
+    "tqdm",
+]
 
 setup(
     name="llava-multilayer",
@@ -51,17 +66,7 @@ setup(
         "llava_multilayer.model_cards": ["*.md"],
         "llava_multilayer.commands": ["demo_data/*", "demo_data/*/*"],
     },
-    install_requires=[
-        "torch>=2.4,<2.15",
-        "transformers>=5.0,<6",
-        "tokenizers>=0.21",
-        "safetensors>=0.4",
-        "huggingface_hub>=1.0",
-        "accelerate>=1.0",
-        "numpy",
-        "pillow",
-        "tqdm",
-    ],
+    install_requires=install_requires,
     extras_require=extras,
     entry_points={"console_scripts": ["llava-multilayer=llava_multilayer.commands.cli:main"]},
     classifiers=[

@@ -48,14 +48,15 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
 from llava_multilayer import (
     LlavaMultiLayerConfig,
     LlavaMultiLayerForConditionalGeneration,
     LlavaMultiLayerProcessor,
 )
+from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
 
 from .finetune_data import ConversationCollator, ConversationDataset, load_records
+
 
 #: LoRA targets: the language model's own linear layers. `peft` full-matches this against module names, so the
 #: internal cross-fusion modules (`...layers.N.cross_attn.q_proj`, `...cross_mlp.gate_proj`) are not targets.

@@ -39,7 +39,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers.utils.chat_template_utils import render_jinja_template
+
+from llava_multilayer.compatibility_llava_multilayer import render_jinja_template
+
 
 IGNORE_INDEX = -100
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}

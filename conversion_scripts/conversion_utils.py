@@ -41,17 +41,25 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
-from transformers import AddedToken, AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedConfig
-from transformers.dynamic_module_utils import custom_object_save
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers import (
+    AddedToken,
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    LlavaImageProcessorPil,
+    PreTrainedConfig,
+)
 
 import llava_multilayer
-from .model_card import MODEL_ID_PLACEHOLDER, write_model_card
 from llava_multilayer import (
     LlavaMultiLayerConfig,
     LlavaMultiLayerForConditionalGeneration,
     LlavaMultiLayerProcessor,
 )
+from llava_multilayer.compatibility_llava_multilayer import custom_object_save
+
+from .model_card import MODEL_ID_PLACEHOLDER, write_model_card
+
 
 logger = logging.getLogger(__name__)
 

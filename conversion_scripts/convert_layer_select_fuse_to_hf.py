@@ -56,8 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedConfig
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers import LlavaImageProcessorPil, PreTrainedConfig
 
 from llava_multilayer import LlavaMultiLayerConfig
 from llava_multilayer.conversion.conversion_utils import (

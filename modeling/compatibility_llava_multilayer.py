@@ -22,23 +22,48 @@ has. Everything that depends on the release lives here, with the release that ch
 - transformers 5.23 renamed gradient checkpointing to activation checkpointing (`activation_checkpointing_enable`,
   `is_activation_checkpointing`, the `activation_checkpointing*` training arguments); the old names still work
   there, with a deprecation warning.
+
+It also holds the package's only imports of transformers internals, for which no public API exists (each was
+checked to be present, with the same behaviour, in every supported release, 5.16.1 to 5.24.0).
 """
 
 import dataclasses
 
-from transformers.cache_utils import Cache
+from transformers import Cache
+
+# The activation table every transformers model uses for `hidden_act`-style config strings.
+from transformers.activations import ACT2FN
+
+# Writes a custom class's module (and the modules it imports) next to a checkpoint, as `save_pretrained` does.
+from transformers.dynamic_module_utils import custom_object_save
+
+# Flattens the nested image inputs processors accept (one image, a list, a list of lists).
+from transformers.image_utils import make_flat_list_of_images
+
+# Public (documented) output classes.
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+# Deformable DETR's multi-scale deformable attention: the MMFuser block builds on it so that the hub kernel
+# (`use_kernels=True`) replaces its forward.
+from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+
+# Lets `return_dict=False` work on forwards that build a `ModelOutput`, as transformers' own models do.
+from transformers.utils import can_return_tuple
+
+# Renders a chat template with the tokenizer's Jinja environment (used to mark assistant turns in training data).
+from transformers.utils.chat_template_utils import render_jinja_template
+
 # The name under which the installed transformers passes the cache to forwards and returns it in outputs.
-CACHE_ARGUMENT = next(
-    name for name in ("cache", "past_key_values") if name in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
-)
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(BaseModelOutputWithPast)}
+CACHE_ARGUMENT = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
 def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
     """Returns the cache given under either name (`cache` since transformers 5.24, `past_key_values` before)."""
     if cache is not None and past_key_values is not None:
-        raise ValueError("Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+        raise ValueError(
+            "Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24), not both."
+        )
     return cache if cache is not None else past_key_values
 
 
@@ -82,7 +107,13 @@ def checkpointing_training_arguments(enabled: bool, checkpointing_kwargs: dict |
 
 
 __all__ = [
+    "ACT2FN",
     "CACHE_ARGUMENT",
+    "MultiScaleDeformableAttention",
+    "can_return_tuple",
+    "custom_object_save",
+    "make_flat_list_of_images",
+    "render_jinja_template",
     "cache_keyword",
     "checkpointing_training_arguments",
     "enable_activation_checkpointing",

@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
 
+from .compatibility_llava_multilayer import MultiScaleDeformableAttention
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
 from .projection_llava_multilayer import FusionOutput, LlavaMultiLayerMLPProjector, select_vision_feature
 

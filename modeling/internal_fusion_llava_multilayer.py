@@ -33,9 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig
-from transformers.cache_utils import Cache
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers import Cache, GradientCheckpointingLayer, PreTrainedConfig
 
 
 @dataclass

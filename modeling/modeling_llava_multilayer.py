@@ -17,13 +17,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, Cache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple
 
-from .compatibility_llava_multilayer import cache_keyword, output_fields, resolve_cache_argument, returned_cache
+from .compatibility_llava_multilayer import (
+    cache_keyword,
+    can_return_tuple,
+    output_fields,
+    resolve_cache_argument,
+    returned_cache,
+)
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
 from .deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserProjector, init_deformable_attention
 from .instruction_guided_fusion_llava_multilayer import InstructionEncoder, InstructionGuidedProjector
@@ -228,8 +232,8 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             )
         if not pixel_values.is_floating_point():
             raise ValueError(
-                f"`pixel_values` must be normalised floating-point values, got dtype {pixel_values.dtype} (raw pixels?). "
-                "Prepare images with the model's processor."
+                f"`pixel_values` must be normalised floating-point values, got dtype {pixel_values.dtype} (raw "
+                "pixels?). Prepare images with the model's processor."
             )
 
     @can_return_tuple
@@ -257,8 +261,8 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             instruction_embeds = self.get_instruction_embeds(instruction_input_ids, instruction_attention_mask)
         if instruction_embeds is not None and instruction_embeds.shape[0] != pixel_values.shape[0]:
             raise ValueError(
-                f"Got {instruction_embeds.shape[0]} instructions for {pixel_values.shape[0]} images: instruction-guided "
-                "fusion needs exactly one instruction per image."
+                f"Got {instruction_embeds.shape[0]} instructions for {pixel_values.shape[0]} images: "
+                "instruction-guided fusion needs exactly one instruction per image."
             )
         fusion = self.multi_modal_projector(hidden_states, instruction_embeds=instruction_embeds)
         internal_features = None
@@ -304,7 +308,8 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         if not layers:
             return None
         if image_features is None:
-            return self.cross_attention_store.get(cache) if self.config.internal_fusion_type == "cross_attention" else None
+            cross_attention = self.config.internal_fusion_type == "cross_attention"
+            return self.cross_attention_store.get(cache) if cross_attention else None
         features = image_features.internal_image_features
         layer_to_feature = self.config.internal_layer_to_feature
         if self.config.internal_fusion_type == "add":

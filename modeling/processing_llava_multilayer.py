@@ -15,10 +15,10 @@
 
 import numpy as np
 from PIL import Image
-from transformers import ProcessorMixin
-from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import make_flat_list_of_images
+from transformers import BatchFeature, ProcessorMixin
 from transformers.utils import cached_file
+
+from .compatibility_llava_multilayer import make_flat_list_of_images
 
 VICUNA_V1_SYSTEM_MESSAGE = (
     "A chat between a curious user and an artificial intelligence assistant. "

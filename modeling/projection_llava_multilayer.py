@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
+from .compatibility_llava_multilayer import ACT2FN
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
 
 

@@ -57,7 +57,8 @@ CHILD_SCRIPT = textwrap.dedent(
         model = AutoModelForImageTextToText.from_pretrained(job["dir"], trust_remote_code=True, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(job["dir"], trust_remote_code=True)
         extra = {"instructions": [job["instruction"]]} if job["instruction"] else {}
-        inputs = processor(images=Image.open(job["image"]).convert("RGB"), text=job["prompt"], return_tensors="pt", **extra)
+        image = Image.open(job["image"]).convert("RGB")
+        inputs = processor(images=image, text=job["prompt"], return_tensors="pt", **extra)
         with torch.no_grad():
             logits = model(**inputs).logits
             generated = model.generate(**inputs, max_new_tokens=job["new_tokens"], do_sample=False, pad_token_id=0)

@@ -8,7 +8,6 @@ answer differently, without any error.
 import pytest
 import torch
 from conftest import make_inputs, make_model, processor_for, random_image, vicuna_prompt
-
 from llava_multilayer.internal_fusion_llava_multilayer import FusionCrossAttention
 
 INTERNAL_VARIANTS = ["internal_add", "internal_cross_pre", "internal_cross_post", "internal_cross_parallel"]
@@ -92,7 +91,7 @@ def test_manual_decode_loop_with_returned_cache(model_and_inputs, variant):
     """A hand-written loop that passes back the cache the model returned decodes like a full recompute."""
     model, inputs = model_and_inputs(variant)
     recomputed = _greedy(model, inputs, use_cache=False)
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    attention_mask = inputs["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         output = model(**inputs, position_ids=position_ids, use_cache=True)
