@@ -207,6 +207,9 @@ def load_model_and_processor(args: argparse.Namespace):
         quantization_config=quantization_config(args),
     )
     processor = AutoProcessor.from_pretrained(args.model)
+    # The command bounds answers with --max-new-tokens; a `max_length` kept from the original training (the 4096 of
+    # the converted IGVA checkpoints) would only make transformers warn, mid-answer, that both are set.
+    model.generation_config.max_length = None
     return model.eval(), processor
 
 
