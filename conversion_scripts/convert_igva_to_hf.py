@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             max_shard_size=args.max_shard_size,
         )
     except ConversionError as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
+        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
     logger.info("Converted %d tensors into %s.", report.num_target_tensors, args.output_dir)
     finish_command(args, report)
 

@@ -47,7 +47,6 @@ Settings the original code cannot run (E_D or E_M with `3-18`, E_M with SigLIP, 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import re
@@ -801,7 +800,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             max_shard_size=args.max_shard_size,
         )
     except ConversionError as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
+        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
     settings = report.settings
     logger.info(
         "Converted %d tensors (%s, layers %s, %s) into %s.",

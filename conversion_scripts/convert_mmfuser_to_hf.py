@@ -45,7 +45,6 @@ entries, or a single int, cannot be used by the fuser and are refused.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
@@ -597,7 +596,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             max_shard_size=args.max_shard_size,
         )
     except ConversionError as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
+        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
     logger.info("Converted %d tensors into %s.", report.num_target_tensors, args.output_dir)
     finish_command(args, report)
 

@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                 ["--input-dir", str(merged_dir), "--output-dir", args.output_dir, *forwarded]
             )
     except ConversionError as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
+        parser.exit(1, f"error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,12 +152,14 @@ def test_push_uploads_an_existing_directory(tmp_path):
     hub = LocalHub()
     try:
         env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_local"}
-        result = cli("push", converted_dir("igva-clip"), "me/igva", env=env)
+        directory = tmp_path / "igva-hf"
+        shutil.copytree(converted_dir("igva-clip"), directory)  # the push fills in the card's repo id
+        result = cli("push", directory, "me/igva", env=env)
         assert result.returncode == 0, result.stderr
         files = hub.files("me/igva")
         assert "model.safetensors" in files and "config.json" in files
-        assert f"Uploaded {converted_dir('igva-clip')} to {hub.url}/me/igva" in result.stdout
-        assert_error(cli("push", tmp_path, "me/none", env=env), 1, "DIR: expected a converted or merged checkpoint")
+        assert f"Uploaded {directory} to {hub.url}/me/igva" in result.stdout
+        assert_error(cli("push", tmp_path / "x", "me/none", env=env), 1, "DIR: expected a converted or merged")
     finally:
         hub.close()
 
