@@ -20,20 +20,26 @@
     llava-multilayer chat OUT --image photo.jpg
     llava-multilayer finetune --model OUT --data train.json --output-dir LORA      # needs `pip install peft`
     llava-multilayer merge-lora --adapter-dir LORA --output-dir MERGED
+    llava-multilayer push OUT USER/REPO                      # upload a converted or merged directory
 
 `llava-multilayer COMMAND --help` describes each command. Heavy modules (torch, transformers, peft) are imported
-only by the command that needs them.
+only by the command that needs them. Mistakes are reported in one paragraph (exit status 2 for a usage error, 1
+for a failure); `llava-multilayer --debug COMMAND ...` or LLAVA_MULTILAYER_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
 from .. import __version__
 from .errors import CommandError
+
+#: Environment variable that makes errors show their traceback (as `--debug` does).
+DEBUG_ENV = "LLAVA_MULTILAYER_DEBUG"
 
 #: Commands whose flags belong to a module imported only when the command runs: name -> (module, argument adder,
 #: runner, help, what to install when the module cannot be imported).
@@ -60,19 +66,22 @@ def _run_deferred(name: str, argv: list[str]) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise CommandError(f"cannot import {module_name} ({error}). Install what it needs: {install}") from error
+        raise CommandError.of(
+            name, f"the modules {module_name} needs", f"that they cannot be imported ({error})", install
+        ) from error
     parser = argparse.ArgumentParser(prog=f"llava-multilayer {name}", description=help_text)
     getattr(module, add_name)(parser)
     return getattr(module, run_name)(parser.parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, generate, inspect_checkpoint
+    from . import demo, generate, inspect_checkpoint, push
 
     parser = argparse.ArgumentParser(
         prog="llava-multilayer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help=f"Show the traceback of an error ({DEBUG_ENV}=1 too).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help_text: str, add_arguments: Callable, run: Callable, description: str | None = None):
@@ -121,24 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, (_, _, _, help_text, _) in DEFERRED_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
+    add("push", "Upload a converted or merged directory to the Hub.", push.add_push_arguments, push.run_push)
     return parser
+
+
+def _split_debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether a traceback is asked for (`--debug` before the command, or the environment), and the other args."""
+    debug = os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
+    return debug, argv
+
+
+def _dispatch(argv: list[str]) -> int:
+    command = argv[0] if argv else None
+    if command == "convert":
+        from .convert import run_convert
+
+        return run_convert(argv[1:])
+    if command in DEFERRED_COMMANDS:
+        return _run_deferred(command, argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llava-multilayer` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv else None
+    debug, argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    prog = f"llava-multilayer {argv[0]}" if argv else "llava-multilayer"
     try:
-        if command == "convert":
-            from .convert import run_convert
-
-            return run_convert(argv[1:])
-        if command in DEFERRED_COMMANDS:
-            return _run_deferred(command, argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.run(args)
+        return _dispatch(argv)
     except CommandError as error:
-        print(f"llava-multilayer {command}: error: {error}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # reported in one paragraph; --debug shows the traceback
+        if debug:
+            raise
+        print(
+            f"{prog}: error: {error} ({type(error).__name__}; run `llava-multilayer --debug {' '.join(argv[:1])} ...` "
+            f"or set {DEBUG_ENV}=1 to see the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

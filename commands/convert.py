@@ -19,8 +19,8 @@
 The family is read from the checkpoint's `config.json` (from `--pretrain-dir` when that is given: a pretraining-stage
 directory, whose `--input-dir` is then the base language model). Each family converter
 (`llava_multilayer.conversion.convert_<family>_to_hf`) exposes `detect(original_config) -> bool`; exactly one must
-accept the config, or `--family` names it. Every other flag goes unchanged to that converter's `main`, so
-`llava-multilayer convert --family igva --help` lists the flags of the IGVA converter.
+accept the config, or `--family` names it. Every other flag goes unchanged to that converter's `main`;
+`llava-multilayer convert --help` lists the common flags and, grouped, those of each family.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from .errors import CommandError, check_output_dir, is_repo_id
 
 #: Family name -> module of its converter, in detection order.
 FAMILY_MODULES = {
@@ -110,57 +112,81 @@ def family_of_directory(directory: str | Path) -> str:
     return detect_family(load_original_config(directory), f"{Path(directory) / 'config.json'}")
 
 
+PROG = "llava-multilayer convert"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The flags `convert` reads itself; all others are forwarded to the family converter."""
+    """The flags of `convert`: the common ones, then those of each family, grouped."""
+    from llava_multilayer.conversion.conversion_utils import add_common_arguments
+
     parser = argparse.ArgumentParser(
-        prog="llava-multilayer convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        add_help=False,
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-h", "--help", action="store_true", help="Show this help (and the family's, if known).")
-    parser.add_argument("--input-dir", help="Checkpoint directory written by the original training code.")
-    parser.add_argument("--pretrain-dir", help="Pretraining-stage directory (its config.json decides the family).")
     parser.add_argument(
         "--family", choices=sorted(FAMILY_MODULES), help="Skip auto-detection and use this family's converter."
     )
+    add_common_arguments(parser, required=False)
+    modules, _ = _available_family_modules()
+    for family, module in modules.items():
+        if module.add_arguments is not None:
+            module.add_arguments(parser.add_argument_group(f"{family} only ({FAMILY_MODULES[family]})"))
     return parser
+
+
+def _without_family_flag(argv: list[str]) -> list[str]:
+    """`argv` without `--family NAME` / `--family=NAME` (the family converters do not know it)."""
+    forwarded, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--family":
+            skip = True
+        elif not arg.startswith("--family="):
+            forwarded.append(arg)
+    return forwarded
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The cheap checks of `convert`, run before anything is read or written."""
+    usage = f"{PROG} --input-dir ORIGINAL_DIR --output-dir OUT_DIR"
+    for flag, value in (("--input-dir", args.input_dir), ("--output-dir", args.output_dir)):
+        if value is None:
+            raise CommandError.of(
+                flag, "a directory (" + flag + " is required)", f"no {flag}", f"`{usage}`.", exit_code=2
+            )
+    directories = [("--pretrain-dir", args.pretrain_dir)]
+    # With --pretrain-dir, --input-dir is the base language model, which may be a Hub repo id.
+    if args.pretrain_dir is None or not is_repo_id(args.input_dir):
+        directories.append(("--input-dir", args.input_dir))
+    for flag, value in directories:
+        if value is not None and not Path(value).is_dir():
+            found = f"{value}, which " + ("is a file" if Path(value).exists() else "does not exist")
+            raise CommandError.of(
+                flag,
+                "the checkpoint directory written by the original training code",
+                found,
+                f"check the path: `{usage}`.",
+            )
+    check_output_dir(args.output_dir, args.overwrite, "convert")
 
 
 def run_convert(argv: list[str]) -> int:
     """Runs `llava-multilayer convert` with the arguments after the sub-command; returns the exit code."""
-    parser = build_parser()
-    args, forwarded = parser.parse_known_args(argv)
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
     family = args.family
-    if family is None and (args.pretrain_dir or args.input_dir):
+    if family is None:
         try:
             family = family_of_directory(args.pretrain_dir or args.input_dir)
         except ValueError as error:  # UnknownFamilyError, or ConversionError for a missing/invalid config.json
-            parser.exit(1, f"llava-multilayer convert: error: {error}\n")
-    if args.help:
-        parser.print_help()
-        if family is None:
-            return 0
-        print(f"\nFlags of the {family} converter ({FAMILY_MODULES[family]}):\n", flush=True)
-        forwarded = ["--help"]
-    elif family is None:
-        parser.print_usage(sys.stderr)
-        parser.exit(2, "llava-multilayer convert: error: --input-dir is required.\n")
-    else:
-        how = "given by --family" if args.family else "detected"
-        print(f"Family: {family} ({how}); converter: {FAMILY_MODULES[family]}", file=sys.stderr, flush=True)
-        for flag, value in (("--input-dir", args.input_dir), ("--pretrain-dir", args.pretrain_dir)):
-            if value is not None:
-                forwarded += [flag, value]
+            raise CommandError(str(error)) from error
+    how = "given by --family" if args.family else "detected"
+    print(f"Family: {family} ({how}); converter: {FAMILY_MODULES[family]}", file=sys.stderr, flush=True)
     try:
-        module = load_family_module(family)
-    except ModuleNotFoundError as error:
-        parser.exit(1, f"llava-multilayer convert: error: the {family} converter is not available: {error}.\n")
-    try:
-        status = module.main(forwarded)
+        load_family_module(family).main(_without_family_flag(argv), prog=PROG)
     except SystemExit as exit_:
-        status = exit_.code
-    return status if isinstance(status, int) else (0 if status is None else 1)
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return 0
 
 
 __all__ = [

@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,14 +51,27 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+import llava_multilayer
 from llava_multilayer import (
     LlavaMultiLayerConfig,
     LlavaMultiLayerForConditionalGeneration,
     LlavaMultiLayerProcessor,
 )
 from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
+from llava_multilayer.conversion.conversion_utils import describe_location
+from llava_multilayer.conversion.model_card import write_merged_model_card
+from llava_multilayer.conversion.output_dir import atomic_output_dir, created_parents, remove_empty
 
-from .finetune_data import ConversationCollator, ConversationDataset, load_records
+from .errors import CommandError, check_model_dir, check_output_dir, is_repo_id
+from .finetune_data import ConversationCollator, ConversationDataset, load_records, to_messages
+
+
+#: What `finetune` records about a run next to the adapter (read by `merge-lora` for the merged model card).
+FINETUNE_RECORD_NAME = "finetune_record.json"
+#: What `merge-lora` records about a merge (family, base model, adapter, training data); `inspect` reads it.
+MERGE_RECORD_NAME = "merge_report.json"
+#: Family of a model by its fusion settings, for a base that has no recorded family.
+FAMILY_OF_FUSION = {"mmfuser": "mmfuser", "igva": "igva", "concat": "layer_select_fuse"}
 
 
 #: LoRA targets: the language model's own linear layers. `peft` full-matches this against module names, so the
@@ -393,7 +409,19 @@ def finetune(
         # Checkpoints may be sharded; the final adapter is written whole (peft's FSDP recipe).
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(output_dir))
+    if trainer.args.should_save:
+        record = {"training_data": _data_name(data), "data_split": data_split, "num_records": len(dataset)}
+        record.update(lora_r=lora_r, lora_alpha=lora_alpha, steps=trainer.state.global_step)
+        (Path(output_dir) / FINETUNE_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return trainer
+
+
+def _data_name(data) -> str | None:
+    """The name of the training data as it may be published: a file's name (not its path) or a Hub dataset id."""
+    if isinstance(data, (str, os.PathLike)):
+        return Path(data).name if Path(data).exists() else str(data)
+    info = getattr(data, "info", None)
+    return getattr(info, "dataset_name", None)
 
 
 def load_finetuned_model(
@@ -430,12 +458,14 @@ def merge_lora(
     base_model: str | os.PathLike | None = None,
     dtype: torch.dtype | str = "auto",
     max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Merges a finetuned adapter into its base model and writes a full checkpoint (weights, config, remote code,
-    processor) that loads with `from_pretrained`. Returns `output_dir`.
+    processor, a model card and [`MERGE_RECORD_NAME`]) that loads with `from_pretrained`. Returns `output_dir`.
 
-    The base is loaded unquantized: a QLoRA adapter is merged into the full-precision weights (which differ slightly
-    from the 4-bit weights it was trained against).
+    The output appears only when everything succeeded, as `convert`'s does; an existing non-empty `output_dir` is
+    replaced only with `overwrite`. The base is loaded unquantized: a QLoRA adapter is merged into the
+    full-precision weights (which differ slightly from the 4-bit weights it was trained against).
 
     Args:
         adapter_dir: A directory written by [`finetune`] (or one of its `checkpoint-N` folders).
@@ -443,17 +473,66 @@ def merge_lora(
         base_model: Where the base model loads from; defaults to the adapter's `base_model_name_or_path`.
         dtype: Dtype of the base model, and so of the merged checkpoint (`"auto"`: the base checkpoint's).
         max_shard_size: Largest weight file written.
+        overwrite: Replace a non-empty `output_dir`.
     """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"--output-dir {output_dir} exists and is not empty; pass --overwrite to replace it.")
     model = load_finetuned_model(adapter_dir, base_model, dtype)
     base_path = model.peft_config["default"].base_model_name_or_path if base_model is None else base_model
     # The fully trained modules were float32: give the checkpoint the base model's single dtype.
     merged = model.merge_and_unload()
     merged = merged.to(merged.get_input_embeddings().weight.dtype)
-    output_dir = Path(output_dir)
-    merged.save_pretrained(output_dir, max_shard_size=max_shard_size)
+    merged.config._name_or_path = ""  # the base's local path: config.json travels to the Hub
     processor_dir = adapter_dir if (Path(adapter_dir) / "processor_config.json").is_file() else base_path
-    LlavaMultiLayerProcessor.from_pretrained(str(processor_dir)).save_pretrained(output_dir)
+    processor = LlavaMultiLayerProcessor.from_pretrained(str(processor_dir))
+    record = merge_record(adapter_dir, base_path, base_model is not None, merged.config)
+    with atomic_output_dir(output_dir) as staging:
+        merged.save_pretrained(staging, max_shard_size=max_shard_size)
+        processor.save_pretrained(staging)
+        (staging / MERGE_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        write_merged_model_card(staging, record)
     return output_dir
+
+
+def _family_of(config) -> str | None:
+    """The family a model's fusion settings belong to (internal fusion and concat: Layer_Select_Fuse)."""
+    if config.internal_fusion_type is not None:
+        return "layer_select_fuse"
+    return FAMILY_OF_FUSION.get(config.fusion_type)
+
+
+def merge_record(adapter_dir: str | os.PathLike, base_path: str, base_given: bool, config) -> dict:
+    """What a merged checkpoint records about itself, without local paths: family, base model, adapter, data."""
+    adapter_dir = Path(adapter_dir)
+    finetune_record = {}
+    for directory in (adapter_dir, adapter_dir.parent):
+        if (directory / FINETUNE_RECORD_NAME).is_file():
+            finetune_record = json.loads((directory / FINETUNE_RECORD_NAME).read_text(encoding="utf-8"))
+            break
+    base_report = {}
+    for name in ("conversion_report.json", MERGE_RECORD_NAME):
+        if Path(base_path, name).is_file():
+            base_report = json.loads(Path(base_path, name).read_text(encoding="utf-8"))
+            break
+    family = base_report.get("family") or _family_of(config)
+    hub_base = [str(base_path)] if is_repo_id(str(base_path)) else list(base_report.get("base_model") or [])
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    return {
+        "family": family,
+        "base_model": describe_location(
+            base_path, "--base-model" if base_given else "the adapter's base_model_name_or_path"
+        ),
+        "base_model_hub_ids": hub_base,
+        "adapter": describe_location(adapter_dir, "--adapter-dir"),
+        "lora_r": adapter_config.get("r"),
+        "lora_alpha": adapter_config.get("lora_alpha"),
+        "training_data": finetune_record.get("training_data"),
+        "training_steps": finetune_record.get("steps"),
+        "dtype": str(config.dtype).replace("torch.", "") if config.dtype is not None else None,
+        "merged_by": f"llava-multilayer {llava_multilayer.__version__}",
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -469,6 +548,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     )
     parser.add_argument("--image-folder", help="Root of the records' relative image paths.")
     parser.add_argument("--output-dir", required=True, help="Where the adapter and checkpoints are written.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a non-empty --output-dir once training has succeeded (a failed run leaves it as it was).",
+    )
     parser.add_argument("--lora-r", type=int, default=128, help="LoRA rank (default: 128).")
     parser.add_argument("--lora-alpha", type=int, default=256, help="LoRA alpha (default: 256).")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05).")
@@ -509,8 +593,82 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def check_finetune_arguments(args: argparse.Namespace) -> None:
+    """The cheap checks of `finetune`, run before the model is loaded: model, data, images, output directory."""
+    check_model_dir("--model", args.model, "finetune")
+    if args.image_folder is not None and not Path(args.image_folder).is_dir():
+        state = "is a file" if Path(args.image_folder).exists() else "does not exist"
+        found = f"{args.image_folder}, which {state}"
+        raise CommandError.of("--image-folder", "the directory the records' image paths are relative to", found)
+    data = Path(args.data)
+    if data.is_dir() or (not data.exists() and (data.suffix in (".json", ".jsonl") or not is_repo_id(args.data))):
+        found = f"{args.data}, which " + ("is a directory" if data.is_dir() else "does not exist")
+        raise CommandError.of("--data", "a .json / .jsonl file of records or a Hub dataset name", found)
+    if data.is_file():
+        _check_images(load_records(data), args.image_folder)
+    if args.resume_from_checkpoint is True and get_last_checkpoint(args.output_dir) is None:
+        raise CommandError.of(
+            "--resume-from-checkpoint",
+            "an --output-dir holding a checkpoint-N folder of an earlier run",
+            f"{args.output_dir}, which holds none" if Path(args.output_dir).is_dir() else f"no {args.output_dir}",
+            "drop --resume-from-checkpoint to start afresh, or pass the --output-dir of the run to continue.",
+        )
+    if not args.resume_from_checkpoint:
+        check_output_dir(args.output_dir, args.overwrite, "finetune")
+
+
+def _check_images(records: list[dict], image_folder: str | None) -> None:
+    """Checks that every local image file the records name exists (the first few missing ones are named)."""
+    missing = []
+    for record in records:
+        _, images = to_messages(record)
+        for image in images:
+            if not isinstance(image, str) or image.startswith(("http://", "https://")):
+                continue
+            if not Path(image).is_absolute() and image_folder is None:
+                raise CommandError.of(
+                    "--image-folder", "the folder of the records' relative image paths", f"none, and {image!r}"
+                )
+            if not (Path(image_folder or "") / image).is_file():
+                missing.append(image)
+    if missing:
+        raise CommandError.of(
+            "--image-folder",
+            "a folder holding every image the records name",
+            f"{len(missing)} missing under {image_folder}: {', '.join(missing[:3])}" + ("..." if missing[3:] else ""),
+            "pass the folder the records' image paths are relative to.",
+        )
+
+
+@contextlib.contextmanager
+def _output_dir_of_run(output_dir: Path, replace: bool) -> Iterator[Path]:
+    """Where a training run writes. With `replace`, a staging directory that replaces `output_dir` on success.
+    Otherwise `output_dir` itself; if the run fails, what it added there is removed, except the `checkpoint-N`
+    folders (resumable with --resume-from-checkpoint)."""
+    if replace:
+        with atomic_output_dir(output_dir) as staging:
+            yield staging
+        return
+    new_parents = created_parents(output_dir) + ([] if output_dir.exists() else [output_dir])
+    before = set(output_dir.iterdir()) if output_dir.is_dir() else set()
+    try:
+        yield output_dir
+    except BaseException:
+        if output_dir.is_dir():
+            for path in set(output_dir.iterdir()) - before:
+                if path.name.startswith("checkpoint-"):
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        remove_empty([output_dir] + [parent for parent in new_parents if parent != output_dir])
+        raise
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     """Runs `llava-multilayer finetune` from the namespace `add_finetune_arguments` parses; returns 0."""
+    check_finetune_arguments(args)
     training_kwargs = {
         "logging_steps": args.logging_steps,
         "save_steps": args.save_steps,
@@ -520,30 +678,34 @@ def run_finetune(args: argparse.Namespace) -> int:
     }
     if args.deepspeed:
         training_kwargs["deepspeed"] = args.deepspeed
-    finetune(
-        args.model,
-        args.data,
-        args.output_dir,
-        image_folder=args.image_folder,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        max_steps=args.max_steps,
-        num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        per_device_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        bf16=args.bf16,
-        dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
-        load_in_4bit=args.load_in_4bit,
-        resume_from_checkpoint=args.resume_from_checkpoint,
-        seed=args.seed,
-        max_length=args.max_length,
-        data_split=args.data_split,
-        attn_implementation=args.attn_implementation,
-        **training_kwargs,
-    )
+    output_dir = Path(args.output_dir)
+    replace = args.overwrite and not args.resume_from_checkpoint and output_dir.exists() and any(output_dir.iterdir())
+    with _output_dir_of_run(output_dir, replace) as run_dir:
+        finetune(
+            args.model,
+            args.data,
+            run_dir,
+            image_folder=args.image_folder,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            max_steps=args.max_steps,
+            num_train_epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            per_device_batch_size=args.per_device_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            bf16=args.bf16,
+            dtype=args.dtype,
+            gradient_checkpointing=args.gradient_checkpointing,
+            load_in_4bit=args.load_in_4bit,
+            resume_from_checkpoint=args.resume_from_checkpoint,
+            seed=args.seed,
+            max_length=args.max_length,
+            data_split=args.data_split,
+            attn_implementation=args.attn_implementation,
+            **training_kwargs,
+        )
+    print(f"Wrote {output_dir}")
     return 0
 
 
@@ -552,6 +714,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--adapter-dir", required=True, help="Output (or checkpoint-N) directory of `finetune`.")
     parser.add_argument("--output-dir", required=True, help="Where the merged full checkpoint is written.")
     parser.add_argument("--base-model", help="Base model directory / Hub id (default: the adapter's own record).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir (on success).")
     parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="(default: the base's)."
     )
@@ -560,18 +723,49 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_merge(args: argparse.Namespace) -> int:
     """Runs `llava-multilayer merge-lora` from the namespace `add_merge_arguments` parses; returns 0."""
+    check_merge_arguments(args)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model, dtype=dtype)
+    merge_lora(args.adapter_dir, args.output_dir, base_model=args.base_model, dtype=dtype, overwrite=args.overwrite)
+    print(f"Wrote {args.output_dir}")
     return 0
 
 
+def check_merge_arguments(args: argparse.Namespace) -> None:
+    """The cheap checks of `merge-lora`, run before any model is loaded: adapter, base model, output directory."""
+    adapter = Path(args.adapter_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        if not adapter.exists():
+            found = f"{args.adapter_dir}, which does not exist"
+        elif (adapter / "config.json").is_file():
+            found = f"{args.adapter_dir}, which is a full model directory (config.json, no adapter_config.json)"
+        else:
+            found = f"{args.adapter_dir}, which has no adapter_config.json"
+        raise CommandError.of(
+            "--adapter-dir",
+            "a LoRA adapter directory written by `llava-multilayer finetune` (with adapter_config.json)",
+            found,
+            "pass the --output-dir of `finetune` (or one of its checkpoint-N folders).",
+        )
+    base = args.base_model or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise CommandError.of(
+            "--base-model", "the base model", "none recorded in adapter_config.json", "pass --base-model."
+        )
+    check_model_dir("--base-model", base, "merge-lora")
+    check_output_dir(args.output_dir, args.overwrite, "merge-lora")
+
+
 __all__ = [
+    "FINETUNE_RECORD_NAME",
     "LORA_TARGET_MODULES",
+    "MERGE_RECORD_NAME",
     "NON_LORA_TRAINABLES_NAME",
     "LlavaMultiLayerTrainer",
     "add_finetune_arguments",
     "add_merge_arguments",
     "build_lora_config",
+    "check_finetune_arguments",
+    "check_merge_arguments",
     "finetune",
     "fully_trained_modules",
     "fully_trained_parameters",
@@ -579,6 +773,7 @@ __all__ = [
     "load_model_for_training",
     "load_non_lora_trainables",
     "merge_lora",
+    "merge_record",
     "non_lora_trainables_state_dict",
     "prepare_model_for_finetuning",
     "quantization_skip_modules",

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TextIO
 
-from .errors import CommandError
+from .errors import CommandError, check_model_dir
 
 #: Modules kept out of bitsandbytes quantization. Names are matched from the start of the full module name (or as a
 #: suffix), so they must be full names: a bare "vision_tower" would not match `model.vision_tower`.
@@ -111,6 +112,57 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_image(image: str | None) -> None:
+    """Checks that `--image` is an http(s) URL or a local file PIL can read."""
+    if image is None or image.startswith(("http://", "https://")):
+        return
+    path = Path(image)
+    if not path.is_file():
+        found = f"{image}, which " + ("is a directory" if path.is_dir() else "does not exist")
+        raise CommandError.of(
+            "--image", "an image file or an http(s) URL", found, "pass the path of an existing image."
+        )
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as handle:
+            handle.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise CommandError.of(
+            "--image", "an image file PIL can read (PNG, JPEG, ...)", f"{image}, which is not one ({error})"
+        ) from error
+
+
+def check_device(device: str) -> None:
+    """Checks that `--device` names a device this machine has (before any weights are loaded)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise CommandError.of(
+            "--device", "auto, cpu, cuda, cuda:N or mps", repr(device), "pass one of those.", exit_code=2
+        ) from error
+    fix = "pass --device cpu, or --device auto (a GPU when there is one, else the CPU)."
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CommandError.of("--device", "a CUDA GPU", f"{device}, but torch sees no CUDA GPU here", fix)
+        if parsed.index is not None and parsed.index >= count:
+            raise CommandError.of("--device", f"cuda:0 to cuda:{count - 1}", f"{device}", fix)
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError.of("--device", "an Apple GPU (MPS)", f"{device}, but MPS is not available here", fix)
+
+
+def check_arguments(args: argparse.Namespace, command: str) -> None:
+    """The cheap checks of `generate` / `chat`, run before the model is loaded."""
+    check_model_dir("MODEL", args.model, command)
+    check_image(args.image)
+    check_device(args.device)
+
+
 def quantization_config(args: argparse.Namespace):
     """The `BitsAndBytesConfig` asked for by `--load-in-4bit` / `--load-in-8bit`, or `None`."""
     if not (args.load_in_4bit or args.load_in_8bit):
@@ -155,6 +207,9 @@ def load_model_and_processor(args: argparse.Namespace):
         quantization_config=quantization_config(args),
     )
     processor = AutoProcessor.from_pretrained(args.model)
+    # The command bounds answers with --max-new-tokens; a `max_length` kept from the original training (the 4096 of
+    # the converted IGVA checkpoints) would only make transformers warn, mid-answer, that both are set.
+    model.generation_config.max_length = None
     return model.eval(), processor
 
 
@@ -165,9 +220,12 @@ def uses_instructions(processor) -> bool:
 
 def check_instruction(args: argparse.Namespace, processor) -> None:
     if args.instruction is not None and not uses_instructions(processor):
-        raise CommandError(
-            f"--instruction is only used by instruction-guided (IGVA) models; {args.model} takes no "
-            "instruction (its processor has no instruction tokenizer)."
+        raise CommandError.of(
+            "--instruction",
+            "an instruction-guided (IGVA) model, the only kind that uses an instruction",
+            f"{args.model}, whose processor has no instruction tokenizer",
+            "drop --instruction.",
+            exit_code=2,
         )
 
 
@@ -228,6 +286,7 @@ def generate_answer(model, processor, inputs, args: argparse.Namespace, stream: 
 
 def run_generate(args: argparse.Namespace) -> int:
     """`llava-multilayer generate`: prints the answer to `--prompt` about `--image`."""
+    check_arguments(args, "generate")
     model, processor = load_model_and_processor(args)
     check_instruction(args, processor)
     image = load_image(args.image)
@@ -261,6 +320,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     first turn) in the prompt; ends at end of input or on a line `exit` / `quit`."""
     stdin = sys.stdin if stdin is None else stdin
     interactive = stdin.isatty()
+    check_arguments(args, "chat")
     model, processor = load_model_and_processor(args)
     check_instruction(args, processor)
     image = load_image(args.image)
@@ -289,6 +349,9 @@ __all__ = [
     "QUANTIZATION_SKIP_MODULES",
     "add_chat_arguments",
     "add_generate_arguments",
+    "check_arguments",
+    "check_device",
+    "check_image",
     "generate_answer",
     "generate_new_tokens",
     "load_model_and_processor",

@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .errors import CommandError
+from .errors import CommandError, is_repo_id
 
 #: Components of a converted model, by parameter-name pattern (first match wins).
 CONVERTED_COMPONENTS = [
@@ -138,7 +138,15 @@ def _local_files(path: str) -> Path:
         return Path(path)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(path, allow_patterns=["*.json"]))
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json"]))
+    except Exception as error:  # offline, no network, no such repo, no access
+        raise CommandError.of(
+            "PATH",
+            "a local checkpoint directory or a Hub repo id",
+            f"{path!r}, which is no local directory and could not be fetched from the Hub ({type(error).__name__})",
+            "check the path or the repo id; a Hub repo needs network access (HF_HUB_OFFLINE unset).",
+        ) from error
 
 
 def describe_converted(path: str) -> dict:
@@ -149,7 +157,9 @@ def describe_converted(path: str) -> dict:
     directory = _local_files(path)
     config = LlavaMultiLayerConfig.from_pretrained(directory)
     report_path = directory / "conversion_report.json"
+    merge_path = directory / "merge_report.json"  # written by `merge-lora`
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    merge = json.loads(merge_path.read_text()) if merge_path.is_file() else {}
 
     with torch.device("meta"):
         model = LlavaMultiLayerForConditionalGeneration(config)
@@ -188,7 +198,8 @@ def describe_converted(path: str) -> dict:
     return {
         "kind": "converted",
         "path": str(path),
-        "family": report.get("family"),
+        "family": report.get("family") or merge.get("family"),
+        "merge": merge or None,
         "strategy": strategy,
         "layers": layers,
         "vision_tower": {
@@ -313,8 +324,18 @@ def describe(path: str) -> dict:
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
         return describe_converted(path) if model_type == "llava_multilayer" else describe_original(path)
     if Path(path).exists():
-        raise CommandError(
-            f"{path} has no config.json: it is neither a converted nor an original checkpoint directory."
+        raise CommandError.of(
+            "PATH",
+            "a converted or original checkpoint directory (with config.json)",
+            f"{path}, which has no config.json",
+            "pass the --output-dir of `llava-multilayer convert`, or the directory the original training wrote.",
+        )
+    if not is_repo_id(path):
+        raise CommandError.of(
+            "PATH",
+            "a converted or original checkpoint directory, or a Hub repo id",
+            f"{path}, which does not exist",
+            "check the path, e.g. `llava-multilayer inspect CONVERTED_DIR`.",
         )
     return describe_converted(path)
 
@@ -341,7 +362,12 @@ def format_converted(info: dict) -> str:
     lines = [f"Converted llava-multilayer checkpoint: {info['path']}"]
     lines += _table(
         [
-            ("family", info["family"] or "not recorded (no conversion_report.json)"),
+            ("family", info["family"] or "not recorded (no conversion_report.json or merge_report.json)"),
+            *(
+                [("merged", f"adapter {info['merge']['adapter']} into {info['merge']['base_model']}")]
+                if info.get("merge")
+                else []
+            ),
             ("strategy", strategy),
             *((f"layers: {key}", json.dumps(value)) for key, value in info["layers"].items()),
             (

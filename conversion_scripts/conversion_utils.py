@@ -24,6 +24,7 @@ everything succeeded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -31,7 +32,7 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,7 @@ from llava_multilayer import (
 from llava_multilayer.compatibility_llava_multilayer import custom_object_save
 
 from .model_card import MODEL_ID_PLACEHOLDER, write_model_card
+from .output_dir import atomic_output_dir
 
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,8 @@ def _reject_duplicate_keys(path: Path):
 def load_original_config(input_dir: str | os.PathLike) -> dict:
     """Reads `config.json` of an original checkpoint directory."""
     path = Path(input_dir) / "config.json"
+    if not Path(input_dir).exists():
+        raise ConversionError(f"{input_dir} does not exist: pass the directory the original training wrote.")
     if not path.is_file():
         raise ConversionError(f"{input_dir} has no config.json: pass the directory the original training wrote.")
     config = _load_json(path)
@@ -324,6 +328,29 @@ def resolve_local_dir(name_or_path: str | None, what: str, flag: str) -> Path:
         ) from error
 
 
+def describe_location(name_or_path: str | os.PathLike, flag: str, known_as: str | None = None) -> str:
+    """How a component named by a hub id or a local path is recorded in files meant for the Hub (report, card):
+    a hub id as it is; a local directory by its meaning, never by its absolute path.
+
+    Args:
+        name_or_path: The hub id or local directory that was used.
+        flag: Where it was given (e.g. `"--vision-tower"` or `"the config's mm_vision_tower"`).
+        known_as: The hub id the directory is a copy of, when known (e.g. the original config's `mm_vision_tower`).
+    """
+    name = str(name_or_path)
+    if not Path(name).exists():
+        return name
+    if known_as and re.fullmatch(r"[\w.-]+/[\w.-]+", str(known_as)) and not Path(str(known_as)).exists():
+        return f"given with {flag}, a local copy of {known_as}"
+    return f"given with {flag}, a local directory named {Path(name).resolve().name!r}"
+
+
+def public_file_name(path: str | os.PathLike) -> str:
+    """`parent/name` of a local file: enough to tell sources apart, without the machine's absolute path."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def load_vision_config(vision_tower_dir: Path) -> PreTrainedConfig:
     """The vision config of a tower directory (a full CLIP/SigLIP config contributes its `vision_config`)."""
     try:
@@ -347,6 +374,24 @@ def strip_vision_prefix(key: str, prefix: str) -> str | None:
     return "model.vision_tower." + rest
 
 
+@contextlib.contextmanager
+def quiet_original_config() -> Iterator[None]:
+    """Silences the two warnings transformers prints for every original checkpoint, which are expected here:
+    `AutoTokenizer` reads the original `config.json` with the base config class, which warns "You are using a model
+    of type `llava_llama` to instantiate a model of type ``" (the original model types are not transformers ones),
+    and sets its `rope_scaling: null`, which transformers 5 deprecates with a FutureWarning. Neither affects the
+    tokenizer, the only thing read there."""
+    config_logger = logging.getLogger("transformers.configuration_utils")
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`rope_scaling` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        config_logger.setLevel(level)
+
+
 def load_tokenizer_with_image_token(tokenizer_dir: Path):
     """The original (LLaMA SentencePiece) tokenizer as a fast tokenizer, plus the `<image>` token.
 
@@ -354,7 +399,8 @@ def load_tokenizer_with_image_token(tokenizer_dir: Path):
     outside the language model's vocabulary: the original logits are unchanged and it can never be generated.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        with quiet_original_config():
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as error:
         raise ConversionError(
             f"Could not load the tokenizer of {tokenizer_dir}: {error}. Reading a SentencePiece tokenizer.model "
@@ -554,6 +600,7 @@ class ConversionReport:
     dropped: dict[str, str] = field(default_factory=dict)
     parity: dict | None = None
     verified: bool = False
+    num_verified_tensors: int = 0
     base_model: list[str] = field(default_factory=list)
     license: str | None = None
     converter_version: str = llava_multilayer.__version__
@@ -588,11 +635,6 @@ def _check_output_dir_is_not_a_source(output_dir: Path, sources: list[tuple[obje
                 f"--output-dir {output_dir} contains the source {path}: writing there would replace the checkpoint "
                 "being converted. Choose another --output-dir."
             )
-
-
-def _created_parents(directory: Path) -> list[Path]:
-    """The ancestors of `directory` that do not exist yet, deepest first."""
-    return [parent for parent in directory.parents if not parent.exists()]
 
 
 def _describe(keys, limit: int = 15) -> str:
@@ -635,48 +677,45 @@ def run_conversion(
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     _check_output_dir_is_not_a_source(output_dir, sources, source_dir)
     expected = expected_target_tensors(config)
-    created_parents = _created_parents(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_output_dir(output_dir) as staging:
         report = _write_checkpoint(
             family, config, sources, staging, expected, processor, generation_config, dtype, max_shard_size, progress
         )
-        report.source_dir = str(source_dir)
-        report.settings = settings or {}
+        report.source_dir = _public_source_dir(str(source_dir))
+        report.settings = {key: _public_setting(value) for key, value in (settings or {}).items()}
         report.base_model = base_model or []
         report.license = license
         if verify:
-            verify_checkpoint(staging, sources, dtype)
+            report.num_verified_tensors = verify_checkpoint(staging, sources, dtype)
             report.verified = True
         if parity_check is not None:
             report.parity = parity_check(staging)
         (staging / "conversion_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         write_model_card(staging, report)
-        _replace(output_dir, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in created_parents:
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
-        raise
     return report
 
 
-def _replace(output_dir: Path, staging: Path) -> None:
-    """Moves `staging` to `output_dir`; a previous `output_dir` is removed only once the new one is in place."""
-    if not output_dir.exists() and not output_dir.is_symlink():
-        staging.rename(output_dir)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent)) / output_dir.name
-    output_dir.rename(backup)
-    try:
-        staging.rename(output_dir)
-    except BaseException:
-        backup.rename(output_dir)
-        shutil.rmtree(backup.parent, ignore_errors=True)
-        raise
-    shutil.rmtree(backup.parent)
+def _public_source_dir(source_dir: str) -> str:
+    """`source_dir` ("INPUT" or "BASE + PRETRAIN") as recorded in the report and card: without local paths."""
+    parts = source_dir.split(" + ") if source_dir else []
+    flags = ["--input-dir"] if len(parts) == 1 else ["--input-dir", "--pretrain-dir"]
+    return " + ".join(describe_location(part, flag) for part, flag in zip(parts, flags))
+
+
+def _public_setting(value):
+    """A setting as recorded for the Hub: a string naming a local path is replaced by its description."""
+    if isinstance(value, str) and value and (Path(value).is_absolute() or Path(value).exists()):
+        return describe_location(value, "a local path")
+    return value
+
+
+def _public_name_or_path(config: PreTrainedConfig) -> None:
+    """Clears the `_name_or_path` of `config` and its sub-configs where it is a local path (the vision tower's and
+    instruction encoder's are the directories they were read from): `config.json` travels to the Hub."""
+    for sub_config in [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))]:
+        name = getattr(sub_config, "_name_or_path", "") if sub_config is not None else ""
+        if name and (Path(name).is_absolute() or Path(name).exists()):
+            sub_config._name_or_path = ""
 
 
 def _write_checkpoint(
@@ -693,7 +732,7 @@ def _write_checkpoint(
     target_dtype = DTYPES.get(dtype) if dtype else None
     for reader, mapping in sources:
         source_formats.append(reader.format)
-        source_files.extend(str(path) for path in reader.files)
+        source_files.extend(public_file_name(path) for path in reader.files)
         for key, tensor in reader.iter_tensors(progress=progress):
             num_source += 1
             target = mapping(key)
@@ -731,6 +770,7 @@ def _write_checkpoint(
     writer.finish()
 
     config.dtype = dtype or str(_lossless_dtype(written_dtypes)).replace("torch.", "")
+    _public_name_or_path(config)
     config.architectures = [LlavaMultiLayerForConditionalGeneration.__name__]
     with torch.device("meta"):
         model = LlavaMultiLayerForConditionalGeneration(config)
@@ -787,15 +827,24 @@ def _lossless_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def verify_checkpoint(directory: Path, sources: list[tuple[object, KeyMapping]], dtype: str | None) -> None:
-    """Reloads the written checkpoint with `from_pretrained` and checks every tensor against its source.
+def verify_checkpoint(directory: Path, sources: list[tuple[object, KeyMapping]], dtype: str | None) -> int:
+    """Reloads the written checkpoint with `from_pretrained` and checks every tensor against its source; returns
+    the number of tensors compared.
 
     The reload must report no missing, unexpected or mismatched keys; each reloaded tensor must equal its source
     (cast to `dtype` when given), and each stored tensor must have the source dtype (or `dtype`).
     """
-    model, loading_info = LlavaMultiLayerForConditionalGeneration.from_pretrained(
-        directory, dtype="auto", output_loading_info=True
-    )
+    from transformers.utils import logging as transformers_logging
+
+    progress = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # the reload is a step of the conversion, not a load to watch
+    try:
+        model, loading_info = LlavaMultiLayerForConditionalGeneration.from_pretrained(
+            directory, dtype="auto", output_loading_info=True
+        )
+    finally:
+        if progress:
+            transformers_logging.enable_progress_bar()
     problems = {name: sorted(loading_info.get(name) or []) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {name: keys for name, keys in problems.items() if keys}
     if problems:
@@ -803,12 +852,13 @@ def verify_checkpoint(directory: Path, sources: list[tuple[object, KeyMapping]],
     stored_dtypes = _stored_dtypes(directory)
     state = model.state_dict()
     target_dtype = DTYPES.get(dtype) if dtype else None
-    mismatched = []
+    mismatched, compared = [], 0
     for reader, mapping in sources:
         for key in reader.keys():
             target = mapping(key)
             if not isinstance(target, str):
                 continue
+            compared += 1
             source = reader.get_tensor(key)
             if target_dtype is not None and source.is_floating_point():
                 source = source.to(target_dtype)
@@ -821,6 +871,7 @@ def verify_checkpoint(directory: Path, sources: list[tuple[object, KeyMapping]],
                 mismatched.append(target)
     if mismatched:
         raise ConversionError(f"--verify: reloaded tensors differ from the source: {_describe(mismatched)}.")
+    return compared
 
 
 def _stored_dtypes(directory: Path) -> dict[str, torch.dtype]:
@@ -940,17 +991,44 @@ def push_to_hub(
 
 
 def finish_command(args: argparse.Namespace, report: ConversionReport) -> None:
-    """The end of every converter's command line: logs the measured parity and, with --push-to-hub, uploads."""
+    """The end of every converter's command line: the verification and parity results, the upload with
+    --push-to-hub, and the output path, last."""
+    from llava_multilayer.commands.push import upload
+
+    if report.verified:
+        print(f"Verified {report.num_verified_tensors} tensors: each reloaded tensor equals its source.")
     if report.parity:
         logger.info("Parity: %s", report.parity)
     if args.push_to_hub:
-        logger.info("Uploaded to %s", push_to_hub(args.output_dir, args.push_to_hub, private=args.private))
+        print(f"Uploaded to {upload(args.output_dir, args.push_to_hub, private=args.private)}")
+    print(f"Wrote {args.output_dir}")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every family converter shares."""
-    parser.add_argument("--input-dir", required=True, help="Checkpoint directory written by the original training code.")
-    parser.add_argument("--output-dir", required=True, help="Where to write the Hub-format checkpoint.")
+def converter_parser(
+    description: str, add_family_arguments: Callable[[argparse.ArgumentParser], None] | None, prog: str | None
+) -> argparse.ArgumentParser:
+    """The command line of a family converter: the common flags, then the family's own."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_arguments(parser)
+    if add_family_arguments is not None:
+        add_family_arguments(parser.add_argument_group("flags of this family"))
+    return parser
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags every family converter shares (`required=False`: `--input-dir` / `--output-dir` are checked by the
+    caller)."""
+    parser.add_argument(
+        "--input-dir", required=required, help="Checkpoint directory written by the original training code."
+    )
+    parser.add_argument("--output-dir", required=required, help="Where to write the Hub-format checkpoint.")
+    parser.add_argument(
+        "--pretrain-dir",
+        help="Pretraining-stage output directory (config.json + the stage's module files, e.g. mm_projector.bin); "
+        "--input-dir is then the base language model.",
+    )
     parser.add_argument(
         "--vision-tower",
         help="Local directory or hub id of the vision tower (overrides the config's `mm_vision_tower`).",
@@ -976,6 +1054,8 @@ __all__ = [
     "ShardedSafetensorsWriter",
     "TensorDictReader",
     "add_common_arguments",
+    "converter_parser",
+    "describe_location",
     "build_image_processor",
     "build_processor",
     "expected_target_shapes",
@@ -988,7 +1068,9 @@ __all__ = [
     "load_torch_file",
     "load_vision_config",
     "num_image_tokens",
+    "public_file_name",
     "push_to_hub",
+    "quiet_original_config",
     "resolve_local_dir",
     "run_conversion",
     "strip_vision_prefix",

@@ -18,18 +18,18 @@ Stage 2 (finetune) checkpoint, as written by the original trainer (config.json +
 original config names the CLIP tower and the sentence encoder by local paths or hub ids; override them with local
 copies or hub ids:
 
-    python conversion_scripts/convert_igva_to_hf.py \
-        --input-dir /data/igva-7b \
-        --vision-tower openai/clip-vit-large-patch14-336 \
-        --sentence-encoder sentence-transformers/all-mpnet-base-v2 \
+    python conversion_scripts/convert_igva_to_hf.py \\
+        --input-dir /data/igva-7b \\
+        --vision-tower openai/clip-vit-large-patch14-336 \\
+        --sentence-encoder sentence-transformers/all-mpnet-base-v2 \\
         --output-dir igva-7b-hf --dtype bfloat16 --verify
 
 Stage 1 (pretrain, `aggregate_by_average: true`): only `config.json` and `mm_projector.bin` are written by the
 original trainer, so the language model comes from the base LLM directory (e.g. Vicuna-7B-v1.5) given as
 `--input-dir`. The result averages the layer groups uniformly and has no instruction encoder:
 
-    python conversion_scripts/convert_igva_to_hf.py \
-        --input-dir lmsys/vicuna-7b-v1.5 --pretrain-dir /data/igva-7b-pretrain \
+    python conversion_scripts/convert_igva_to_hf.py \\
+        --input-dir lmsys/vicuna-7b-v1.5 --pretrain-dir /data/igva-7b-pretrain \\
         --vision-tower openai/clip-vit-large-patch14-336 --output-dir igva-7b-pretrain-hf
 
 The instruction encoder is not part of an IGVA checkpoint (the original code builds it from
@@ -64,7 +64,8 @@ from llava_multilayer.conversion.conversion_utils import (
     KeyMapping,
     TensorDictReader,
     _load_json,
-    add_common_arguments,
+    converter_parser,
+    describe_location,
     build_image_processor,
     build_processor,
     finish_command,
@@ -557,7 +558,11 @@ def convert_igva(
         "base_layer (vision_feature_layer)": config.vision_feature_layer,
         "concat_order": "[base-layer patches, fused patches]",
         "igva_aggregate_by_average": config.igva_aggregate_by_average,
-        "vision_tower": original.get("mm_vision_tower") if vision_tower is None else str(vision_tower),
+        "vision_tower": describe_location(
+            vision_tower or original.get("mm_vision_tower"),
+            "--vision-tower" if vision_tower else "the config's mm_vision_tower",
+            original.get("mm_vision_tower"),
+        ),
         "image_aspect_ratio": original.get("image_aspect_ratio"),
     }
     if encoder is not None:
@@ -566,7 +571,11 @@ def convert_igva(
                 "igva_num_blocks": config.igva_num_blocks,
                 "igva_num_heads": config.igva_num_heads,
                 "igva_hidden_size": config.igva_hidden_size,
-                "sentence_encoder": original.get("sentence_embedder") if sentence_encoder is None else str(sentence_encoder),
+                "sentence_encoder": describe_location(
+                    sentence_encoder or original.get("sentence_embedder"),
+                    "--sentence-encoder" if sentence_encoder else "the config's sentence_embedder",
+                    original.get("sentence_embedder"),
+                ),
                 "sentence_encoder_pipeline": "transformer -> mean pooling over attended tokens -> L2 normalisation",
                 "instruction_max_length": encoder.max_seq_length,
             }
@@ -592,9 +601,8 @@ def convert_igva(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the IGVA converter beyond the common ones."""
     parser.add_argument(
         "--sentence-encoder",
         "--sentence-embedder",
@@ -602,10 +610,10 @@ def main(argv: list[str] | None = None) -> None:
         help="Local sentence-transformers directory or hub id of the instruction encoder (overrides the config's "
         f"`sentence_embedder`, usually a local path; the authors used {DEFAULT_SENTENCE_ENCODER}).",
     )
-    parser.add_argument(
-        "--pretrain-dir",
-        help="Stage-1 output directory (config.json + mm_projector.bin); --input-dir is then the base LLM directory.",
-    )
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = converter_parser(__doc__, add_arguments, prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -622,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
             max_shard_size=args.max_shard_size,
         )
     except ConversionError as error:
-        parser.exit(1, f"error: {error}\n")
+        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
     logger.info("Converted %d tensors into %s.", report.num_target_tensors, args.output_dir)
     finish_command(args, report)
 

@@ -29,16 +29,16 @@ E_M, I_D, I_M) and `mm_vision_tower`. The strategy and the layer selection (`lay
 Finetune (stage 2) checkpoint, as written by the original trainer (config.json, safetensors, tokenizer). The config
 names the vision tower by hub id; pass a local copy or hub id with --vision-tower:
 
-    python conversion_scripts/convert_layer_select_fuse_to_hf.py \
-        --input-dir ./checkpoint/-I_M-finetune-3-18-23 \
-        --vision-tower openai/clip-vit-large-patch14-336 \
+    python conversion_scripts/convert_layer_select_fuse_to_hf.py \\
+        --input-dir ./checkpoint/-I_M-finetune-3-18-23 \\
+        --vision-tower openai/clip-vit-large-patch14-336 \\
         --output-dir lsf-I_M-3-18-23-hf --dtype bfloat16 --verify
 
 Pretrain (stage 1) artifacts (`mm_projector_f.bin`, `mm_projector_{k}.bin`, `ucross.bin`, config.json): the
 language model comes from the base LLM directory (e.g. MobileLLaMA-1.4B-Base) given as --input-dir:
 
-    python conversion_scripts/convert_layer_select_fuse_to_hf.py \
-        --input-dir mtgv/MobileLLaMA-1.4B-Base --pretrain-dir ./checkpoint/-I_M-pretrain-3-18-23 \
+    python conversion_scripts/convert_layer_select_fuse_to_hf.py \\
+        --input-dir mtgv/MobileLLaMA-1.4B-Base --pretrain-dir ./checkpoint/-I_M-pretrain-3-18-23 \\
         --vision-tower openai/clip-vit-large-patch14-336 --output-dir lsf-I_M-3-18-23-pretrain-hf
 
 Settings the original code cannot run (E_D or E_M with `3-18`, E_M with SigLIP, SigLIP with selections other than
@@ -47,7 +47,6 @@ Settings the original code cannot run (E_D or E_M with `3-18`, E_M with SigLIP, 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import re
@@ -67,7 +66,7 @@ from llava_multilayer.conversion.conversion_utils import (
     Drop,
     KeyMapping,
     TensorDictReader,
-    add_common_arguments,
+    converter_parser,
     build_image_processor,
     build_processor,
     finish_command,
@@ -778,14 +777,13 @@ def convert_layer_select_fuse(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument(
-        "--pretrain-dir",
-        help="Pretraining-stage output directory (config.json, mm_projector_f.bin, mm_projector_{k}.bin, ucross.bin); "
-        "--input-dir is then the base language model (HF LLaMA format with its tokenizer).",
-    )
+#: Layer_Select_Fuse has no flags beyond the common ones (`--pretrain-dir`: config.json, mm_projector_f.bin,
+#: mm_projector_{k}.bin, ucross.bin; --input-dir is then the base language model with its tokenizer).
+add_arguments = None
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = converter_parser(__doc__, add_arguments, prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -801,7 +799,7 @@ def main(argv: list[str] | None = None) -> None:
             max_shard_size=args.max_shard_size,
         )
     except ConversionError as error:
-        parser.exit(1, f"error: {error}\n")
+        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
     settings = report.settings
     logger.info(
         "Converted %d tensors (%s, layers %s, %s) into %s.",

@@ -18,9 +18,9 @@ Finetune (stage 2) checkpoint, as written by the original trainer (config.json +
 + SentencePiece tokenizer). `config.json` names the CLIP tower by hub id (`mm_vision_tower`); `--vision-tower`
 overrides it with a local copy or another hub id:
 
-    python conversion_scripts/convert_mmfuser_to_hf.py \
-        --input-dir checkpoints/llava-mmfuser-7b \
-        --vision-tower openai/clip-vit-large-patch14-336 \
+    python conversion_scripts/convert_mmfuser_to_hf.py \\
+        --input-dir checkpoints/llava-mmfuser-7b \\
+        --vision-tower openai/clip-vit-large-patch14-336 \\
         --output-dir mmfuser-7b-hf --dtype bfloat16 --verify
 
 The checkpoint embeds a copy of the frozen tower (`model.vision_tower.vision_tower.vision_model.*`); when present
@@ -31,8 +31,8 @@ Pretrain (stage 1) output: only `config.json` + `mm_projector.bin` (fuser + MLP)
 comes from the base LLM directory (e.g. lmsys/vicuna-7b-v1.5), given as `--input-dir` (the convention of all
 converters of this package):
 
-    python conversion_scripts/convert_mmfuser_to_hf.py \
-        --input-dir lmsys/vicuna-7b-v1.5 --pretrain-dir checkpoints/llava-mmfuser-pretrain-7b \
+    python conversion_scripts/convert_mmfuser_to_hf.py \\
+        --input-dir lmsys/vicuna-7b-v1.5 --pretrain-dir checkpoints/llava-mmfuser-pretrain-7b \\
         --vision-tower openai/clip-vit-large-patch14-336 --output-dir mmfuser-7b-pretrain-hf
 
 Layer semantics. The original `mm_vision_select_layer` is a list (or a `"list-22/-17/-12/-7/-2"` string) of CLIP
@@ -45,7 +45,6 @@ entries, or a single int, cannot be used by the fuser and are refused.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
@@ -66,7 +65,8 @@ from llava_multilayer.conversion.conversion_utils import (
     Drop,
     KeyMapping,
     TensorDictReader,
-    add_common_arguments,
+    converter_parser,
+    describe_location,
     build_image_processor,
     build_processor,
     finish_command,
@@ -465,6 +465,8 @@ def convert_mmfuser(
 
     tower_name = vision_tower or original.get("mm_vision_tower")
     tower_dir = resolve_local_dir(tower_name, "vision tower", "--vision-tower")
+    tower_flag = "--vision-tower" if vision_tower else "the config's mm_vision_tower"
+    tower_description = describe_location(tower_name, tower_flag, original.get("mm_vision_tower"))
     vision_config = load_vision_config(tower_dir)
 
     text_config = None
@@ -527,7 +529,7 @@ def convert_mmfuser(
             raise ConversionError(
                 f"The checkpoint stores no vision tower, so its weights are read from {tower_dir}, but: {error}"
             ) from error
-        tower_source = str(tower_name)
+        tower_source = tower_description
 
     value_layers, query_layer = config.vision_feature_layer[:-1], config.vision_feature_layer[-1]
     settings = {
@@ -546,7 +548,7 @@ def convert_mmfuser(
         "vision_feature_select_strategy": "default (mm_vision_select_feature='patch': CLS dropped)",
         "image_seq_length": config.image_seq_length,
         "image_aspect_ratio": original.get("image_aspect_ratio", "square"),
-        "vision_tower": str(tower_name),
+        "vision_tower": tower_description,
         "vision_tower_weights": tower_source,
         "chat_template": "vicuna_v1",
     }
@@ -573,13 +575,12 @@ def convert_mmfuser(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument(
-        "--pretrain-dir",
-        help="Stage-1 output directory (config.json + mm_projector.bin); --input-dir is then the base LLM directory.",
-    )
+#: MMFuser has no flags beyond the common ones (`--pretrain-dir`: config.json + mm_projector.bin).
+add_arguments = None
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = converter_parser(__doc__, add_arguments, prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
             max_shard_size=args.max_shard_size,
         )
     except ConversionError as error:
-        parser.exit(1, f"error: {error}\n")
+        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
     logger.info("Converted %d tensors into %s.", report.num_target_tensors, args.output_dir)
     finish_command(args, report)
 

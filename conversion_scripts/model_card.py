@@ -142,6 +142,64 @@ def render_model_card(report) -> ModelCard:
     )
 
 
+MERGED_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_id }}
+
+A {{ family_name }} checkpoint of [llava-multilayer](https://github.com/llava-multilayer/llava-multilayer): a LoRA
+adapter finetuned with `llava-multilayer finetune`, merged into its base model with `llava-multilayer merge-lora`.
+
+- base model: {{ base_model }}
+- adapter: {{ adapter }} (LoRA r={{ lora_r }}, alpha={{ lora_alpha }}{{ steps }})
+- training data: {{ training_data }}
+- dtype: {{ dtype }}
+- merged by {{ merged_by }}, {{ date }}
+
+## Usage
+
+```python
+import llava_multilayer  # or pass trust_remote_code=True
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{{ model_id }}", dtype="auto", device_map="auto")
+processor = AutoProcessor.from_pretrained("{{ model_id }}")
+```
+"""
+
+FAMILY_NAMES = {"mmfuser": "MMFuser", "layer_select_fuse": "Layer_Select_Fuse", "igva": "IGVA"}
+
+
+def write_merged_model_card(directory: str | Path, record: dict) -> Path:
+    """Writes `README.md` into a merged directory from its merge record (see `commands.finetune.merge_record`)."""
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=record["base_model_hub_ids"] or None,
+        tags=[*BASE_TAGS, *FAMILY_TAGS.get(record["family"], []), "lora", "merged"],
+    )
+    steps = record.get("training_steps")
+    card = ModelCard.from_template(
+        card_data,
+        template_str=MERGED_CARD_TEMPLATE,
+        model_id=MODEL_ID_PLACEHOLDER,
+        family_name=FAMILY_NAMES.get(record["family"], "llava-multilayer"),
+        base_model=record["base_model"],
+        adapter=record["adapter"],
+        lora_r=record["lora_r"],
+        lora_alpha=record["lora_alpha"],
+        steps=f", {steps} steps" if steps else "",
+        training_data=record["training_data"] or "not recorded",
+        dtype=record["dtype"],
+        merged_by=record["merged_by"],
+        date=record["date"],
+    )
+    path = Path(directory) / "README.md"
+    card.save(path)
+    return path
+
+
 def write_model_card(directory: str | Path, report) -> Path:
     """Writes `README.md` into a converted directory."""
     path = Path(directory) / "README.md"
@@ -149,4 +207,11 @@ def write_model_card(directory: str | Path, report) -> Path:
     return path
 
 
-__all__ = ["MODEL_ID_PLACEHOLDER", "PARITY_TOLERANCES", "render_model_card", "render_parity", "write_model_card"]
+__all__ = [
+    "MODEL_ID_PLACEHOLDER",
+    "PARITY_TOLERANCES",
+    "render_model_card",
+    "render_parity",
+    "write_merged_model_card",
+    "write_model_card",
+]

@@ -94,6 +94,7 @@ def positive(value) -> bool:
     return isinstance(value, float) and value > 0
 
 
+@pytest.mark.slow  # the three quick benchmark runs share ~26 s of CPU; the layout and refusal tests stay
 def test_fusion_overhead_quick(quick_results):
     payload = check_run(quick_results, "fusion_overhead")
     rows = payload["results"]
@@ -112,6 +113,7 @@ def test_fusion_overhead_quick(quick_results):
     assert {target["name"] for target in payload["targets"]} >= {"clip mmfuser (MMFuser, 5 layers)"}
 
 
+@pytest.mark.slow  # the three quick benchmark runs share ~26 s of CPU; the layout and refusal tests stay
 def test_end_to_end_quick(quick_results):
     payload = check_run(quick_results, "end_to_end")
     rows = {row["fusion"]: row for row in payload["results"]}
@@ -125,6 +127,7 @@ def test_end_to_end_quick(quick_results):
     assert rows["single"]["extra_parameters"] == 0
 
 
+@pytest.mark.slow  # the three quick benchmark runs share ~26 s of CPU; the layout and refusal tests stay
 def test_conversion_quick(quick_results):
     payload = check_run(quick_results, "conversion")
     (result,) = payload["results"]

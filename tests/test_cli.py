@@ -103,8 +103,13 @@ def test_console_script_is_installed_and_forwards_help():
         [script, "convert", "--input-dir", str(igva), "--help"], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert "Flags of the igva converter" in result.stdout
-    assert "--sentence-encoder" in result.stdout  # the IGVA converter's own flag
+    assert result.stdout.startswith("usage: llava-multilayer convert ")
+    for flag in ("--input-dir", "--output-dir", "--pretrain-dir", "--vision-tower", "--dtype", "--verify",
+                 "--push-to-hub", "--private", "--overwrite", "--parity-fixture", "--max-shard-size", "--family"):
+        assert flag in result.stdout, flag
+    family_flags = result.stdout.split("igva only (llava_multilayer.conversion.convert_igva_to_hf):")[1]
+    assert "--sentence-encoder" in family_flags  # the IGVA converter's own flag, in its group
+    assert " \\\n        [--dtype bfloat16]" in result.stdout  # the usage example keeps its line continuation
 
 
 def test_convert_unknown_family_names_what_was_looked_at(tmp_path, capsys):
@@ -310,7 +315,7 @@ def test_generate_instruction_needs_an_igva_model(capsys):
     status, _, err = run_cli(
         ["generate", str(converted_dir("mmfuser-clip")), "--prompt", "Hi", "--instruction", "x"], capsys
     )
-    assert status == 1 and "only used by instruction-guided (IGVA) models" in err
+    assert status == 2 and "--instruction: expected an instruction-guided (IGVA) model" in err
 
 
 def test_generate_sampling_is_reproducible_with_a_seed(capsys):

@@ -266,6 +266,7 @@ CHILD_SCRIPT = textwrap.dedent(
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
     jobs = json.loads(sys.argv[1])
+    torch.set_num_threads(int(sys.argv[2]))  # the parent's count: `atol=0` holds only for the same reduction order
     report = {}
     for job in jobs:
         model = AutoModelForImageTextToText.from_pretrained(job["dir"], trust_remote_code=True, dtype=torch.float32)
@@ -310,9 +311,10 @@ def test_remote_code_reproduces_in_package_logits(tmp_path):
             }
         )
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    threads = str(torch.get_num_threads())
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS=threads)
     result = subprocess.run(
-        [sys.executable, "-I", "-c", CHILD_SCRIPT, json.dumps(jobs)],
+        [sys.executable, "-I", "-c", CHILD_SCRIPT, json.dumps(jobs), threads],
         capture_output=True,
         text=True,
         env=env,

@@ -546,7 +546,11 @@ def _converter_available(name: str) -> bool:
     return (Path(__file__).parents[1] / "conversion_scripts" / f"convert_{name}_to_hf.py").is_file()
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+# The MMFuser run (the cheapest, ~10 s of CPU) represents the fuzzing by default; IGVA (~40 s) and Layer_Select_Fuse
+# (~16 s) run with RUN_SLOW=1, as in CI.
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name == "mmfuser" else pytest.mark.slow) for name in sorted(FAMILIES)]
+)
 def test_converter_refuses_malformed_checkpoints_cleanly(name, tmp_path, capsys):
     if not _converter_available(name):
         pytest.skip(f"conversion_scripts/convert_{name}_to_hf.py does not exist yet")
