@@ -39,6 +39,7 @@ setup(
         "llava_multilayer.conversion",
         "llava_multilayer.commands",
         "llava_multilayer.model_cards",
+        "llava_multilayer.training",
     ],
     package_dir={
         "llava_multilayer": "modeling",
@@ -46,6 +47,7 @@ setup(
         "llava_multilayer.conversion": "conversion_scripts",
         "llava_multilayer.commands": "commands",
         "llava_multilayer.model_cards": "model_cards",
+        "llava_multilayer.training": "training",
     },
     package_data={
         "llava_multilayer.model_cards": ["*.md"],
