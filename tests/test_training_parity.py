@@ -101,7 +101,9 @@ def test_tokens_labels_and_pixels_per_record(converted, name, stage):
         labels = item["labels"][~image_runs | run_start]
         assert labels.tolist() == expected[f"{stage}.{index}.labels"].tolist(), index
         if f"{stage}.{index}.pixel_values" in expected:
-            torch.testing.assert_close(item["pixel_values"][0], expected[f"{stage}.{index}.pixel_values"], rtol=0, atol=0)
+            torch.testing.assert_close(
+                item["pixel_values"][0], expected[f"{stage}.{index}.pixel_values"], rtol=0, atol=0
+            )
         else:
             assert "pixel_values" not in item
 
@@ -125,7 +127,11 @@ def test_batch_equals_what_the_original_model_trains_on(converted, name, stage):
         ids = batch["input_ids"][row][mask]
         want_mask = expected[f"{stage}.batch.attention_mask"][row]
         want_ids, want_labels = original_effective(
-            expected[f"{stage}.batch.input_ids"][row], expected[f"{stage}.batch.labels"][row], want_mask, num_tokens, 320
+            expected[f"{stage}.batch.input_ids"][row],
+            expected[f"{stage}.batch.labels"][row],
+            want_mask,
+            num_tokens,
+            320,
         )
         assert collapse_image_tokens(ids, processor.image_token_id).tolist() == want_ids.tolist(), row
         is_image = ids == processor.image_token_id
@@ -155,7 +161,9 @@ def test_trainable_parameters_and_optimizer_groups(converted, name, stage):
     assert recipe.group_by_modality_length == spec["args"]["group_by_modality_length"]
     if stage == "lora":
         assert (recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout) == (
-            spec["args"]["lora_r"], spec["args"]["lora_alpha"], spec["args"]["lora_dropout"]
+            spec["args"]["lora_r"],
+            spec["args"]["lora_alpha"],
+            spec["args"]["lora_dropout"],
         )
     trainable = recipe.trainable_parameters(model)
     assert trainable == sorted(map_name(name, mapping) for name in spec["trainable"])
@@ -171,7 +179,9 @@ def test_finetune_loss_and_gradients(converted, name):
     model, processor = load(converted[name])
     expected = load_file(FIXTURES_DIR / name / "expected_loss.safetensors")
     recipe = load_recipe("finetune", model, model_max_length=320)
-    dataset = recipe.dataset(fixture_records(name, "finetune"), processor, image_folder=FIXTURES_DIR / name / "data/images")
+    dataset = recipe.dataset(
+        fixture_records(name, "finetune"), processor, image_folder=FIXTURES_DIR / name / "data/images"
+    )
     items = [dataset[i] for i in range(len(dataset))]
     model = recipe.prepare_model(model).eval()
     for index, item in enumerate(items):

@@ -27,6 +27,7 @@ loss = recipe.prepare_model(model)(**batch).loss
 from .conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, preprocess
 from .data import RecordError, SupervisedCollator, SupervisedDataset, load_records
 from .recipes import FAMILIES, RECIPE_DEFAULTS, STAGES, Recipe, detect_family, load_recipe
+from .trainer import RecipeTrainer, merge_adapter, train
 
 __all__ = [
     "FAMILIES",
@@ -35,11 +36,14 @@ __all__ = [
     "RECIPE_DEFAULTS",
     "STAGES",
     "Recipe",
+    "RecipeTrainer",
     "RecordError",
     "SupervisedCollator",
     "SupervisedDataset",
     "detect_family",
     "load_recipe",
     "load_records",
+    "merge_adapter",
     "preprocess",
+    "train",
 ]

@@ -330,7 +330,9 @@ class SupervisedCollator:
             for feature in features:
                 pad = width - feature["instruction_input_ids"].shape[1]
                 ids.append(
-                    torch.nn.functional.pad(feature["instruction_input_ids"], (0, pad), value=self.instruction_pad_token_id)
+                    torch.nn.functional.pad(
+                        feature["instruction_input_ids"], (0, pad), value=self.instruction_pad_token_id
+                    )
                 )
                 masks.append(torch.nn.functional.pad(feature["instruction_attention_mask"], (0, pad), value=0))
             return {"instruction_input_ids": torch.cat(ids), "instruction_attention_mask": torch.cat(masks)}

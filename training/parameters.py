@@ -45,7 +45,7 @@ PEFT_PREFIX = "base_model.model."
 
 def base_name(name: str) -> str:
     """A parameter name without the peft wrapper prefix (`base_model.model.`)."""
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+    return name.removeprefix(PEFT_PREFIX)
 
 
 def parameter_role(name: str) -> str:

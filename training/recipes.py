@@ -220,8 +220,12 @@ class Recipe:
         Returns the model to train (the same `PeftModel` when called again with the same `model`)."""
         if model in self._prepared:
             return self._prepared[model]
-        if isinstance(model, nn.Module) and type(model).__name__.startswith("PeftModel"):
-            raise ValueError("prepare_model expects the plain LlavaMultiLayer model, got a model already wrapped by peft.")
+        if any(prepared is model for prepared in self._prepared.values()):
+            return model
+        if hasattr(model, "peft_config"):
+            raise ValueError(
+                "prepare_model expects the plain LlavaMultiLayer model, got a model already wrapped by peft."
+            )
         if self.family == "igva" and self.stage == "pretrain":
             # Stage 1 of IGVA averages the layer groups uniformly (the original builds it with aggregate_by_average).
             model.model.multi_modal_projector.aggregate_by_average = True

@@ -1,0 +1,176 @@
+"""Recipes beyond the golden fixtures, on tiny models: IGVA with precomputed instruction embeddings, the
+Layer_Select_Fuse I_M internal modules in every stage, the original sampler, and the errors a user gets for a broken
+record or an option the family's original code does not have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, processor_for, random_image
+
+from llava_multilayer.training import RecordError, load_recipe
+from llava_multilayer.training.sampler import modality_length_grouped_indices
+
+RECORDS = [
+    {
+        "id": "a",
+        "image": "a.png",
+        "sentence_embed": "a.pt",
+        "conversations": [
+            {"from": "human", "value": "What is this?\n<image>"},
+            {"from": "gpt", "value": "A picture."},
+        ],
+    },
+    {
+        "id": "b",
+        "conversations": [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi."}],
+    },
+    {
+        "id": "c",
+        "image": "c.png",
+        "sentence_embed": "c.pt",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."},
+            {"from": "gpt", "value": "Colourful noise."},
+            {"from": "human", "value": "And more?"},
+            {"from": "gpt", "value": "Nothing more."},
+        ],
+    },
+]
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    for index, name in enumerate(("a", "c")):
+        random_image(seed=index).save(tmp_path / f"{name}.png")
+    return tmp_path
+
+
+def test_igva_finetune_uses_the_precomputed_instruction_embeddings(image_folder):
+    model = make_model("igva")
+    processor = processor_for(model.config)
+    width = model.config.instruction_encoder_config.hidden_size
+    embeddings = {name: torch.randn(width, generator=torch.Generator().manual_seed(i)) for i, name in enumerate("ac")}
+    for name, embedding in embeddings.items():
+        torch.save(embedding, image_folder / f"{name}.pt")
+    recipe = load_recipe("finetune", model, model_max_length=256)
+    dataset = recipe.dataset(RECORDS, processor, image_folder=image_folder, instruction_embeds_folder=image_folder)
+    batch = recipe.collate([dataset[i] for i in range(len(dataset))])
+    # One row per image, in record order; the text-only record has none.
+    torch.testing.assert_close(batch["instruction_embeds"], torch.stack([embeddings["a"], embeddings["c"]]))
+    loss = recipe.prepare_model(model)(**batch).loss
+    reference = model(**{**batch, "instruction_embeds": batch["instruction_embeds"].flip(0)}).loss
+    assert torch.isfinite(loss) and loss != reference  # the embeddings steer the fusion
+    trainable = recipe.trainable_parameters(model)
+    assert any(".aggregator." in name for name in trainable)
+    assert not any(name.startswith(("model.vision_tower.", "model.instruction_encoder.")) for name in trainable)
+
+
+def test_igva_finetune_without_folder_embeds_the_instruction_with_the_bundled_encoder(image_folder):
+    model = make_model("igva")
+    recipe = load_recipe("finetune", model, model_max_length=256)
+    dataset = recipe.dataset(RECORDS, processor_for(model.config), image_folder=image_folder)
+    batch = recipe.collate([dataset[0], dataset[2]])
+    assert batch["instruction_input_ids"].shape[0] == 2
+    assert torch.isfinite(recipe.prepare_model(model)(**batch).loss)
+
+
+def test_igva_pretrain_averages_the_groups_and_trains_only_the_projector(image_folder):
+    model = make_model("igva")
+    recipe = load_recipe("pretrain", model, model_max_length=256)
+    pretrain = [RECORDS[0], {**RECORDS[2], "conversations": RECORDS[2]["conversations"][:2]}]
+    dataset = recipe.dataset(pretrain, processor_for(model.config), image_folder=image_folder)
+    batch = recipe.collate([dataset[0], dataset[1]])
+    assert "instruction_embeds" not in batch and "instruction_input_ids" not in batch
+    output = recipe.prepare_model(model)(**batch)
+    assert torch.isfinite(output.loss)
+    torch.testing.assert_close(output.fusion_weights, torch.full((2, 2), 0.5))
+    assert recipe.trainable_parameters(model) == sorted(
+        name for name, _ in model.named_parameters() if name.startswith("model.multi_modal_projector.linear_")
+    )
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "lora"])
+def test_layer_select_fuse_internal_modular_trainable_sets(stage):
+    model = make_model("internal_cross_pre")
+    recipe = load_recipe(stage, model)
+    assert recipe.family == "layer_select_fuse"
+    trainable = recipe.trainable_parameters(model)
+    names = [name.removeprefix("base_model.model.") for name in trainable]
+    cross = [name for name in names if ".cross_attn" in name or ".cross_mlp" in name]
+    assert any(name.startswith("model.internal_projectors.") for name in names)
+    assert any(name.startswith("model.multi_modal_projector.") for name in names)
+    if stage == "lora":
+        # LoRA on every language-model linear layer, the cross-fusion projections included; their gates stay frozen.
+        assert cross and all(".lora_" in name for name in cross)
+        assert any(".self_attn.q_proj.lora_A." in name for name in names)
+        assert not any(name.startswith("lm_head") or "embed_tokens" in name for name in names)
+    else:
+        assert any(name.endswith("cross_attn_gate") for name in cross)
+        assert any(".cross_mlp.gate_proj." in name for name in cross)
+        llm = [n for n in names if n.startswith("model.language_model.") and n not in cross]
+        assert bool(llm) == (stage == "finetune")
+    groups = recipe.optimizer_groups(model)
+    grouped = sorted(name for group in groups for name in group["params"])
+    assert grouped == trainable
+
+
+def test_layer_select_fuse_cross_attn_lr_gets_its_own_groups():
+    model = make_model("internal_cross_pre")
+    recipe = load_recipe("finetune", model, mm_projector_lr=1e-4, cross_attn_lr=3e-4, weight_decay=0.1)
+    groups = recipe.optimizer_groups(model)
+    assert [group["lr"] for group in groups] == [2e-5, 2e-5, 1e-4, 1e-4, 3e-4, 3e-4]
+    assert [group["weight_decay"] for group in groups] == [0.1, 0.0] * 3
+    assert all(".cross_" in name for group in groups[4:] for name in group["params"])
+    assert all("projector" in name for group in groups[2:4] for name in group["params"])
+
+
+def test_options_the_original_lacks_are_refused():
+    model = make_model("mmfuser")
+    with pytest.raises(ValueError, match="mm_projector_lr: the original mmfuser code has no such option"):
+        load_recipe("finetune", model, mm_projector_lr=1e-4)
+    with pytest.raises(ValueError, match="unknown overrides \\['learning_rates'\\]"):
+        load_recipe("finetune", model, learning_rates=1e-4)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        load_recipe("stage3", model)
+    with pytest.raises(ValueError, match="Cannot tell the family"):
+        load_recipe("finetune", make_model("single"))
+    assert load_recipe("finetune", make_model("single"), family="igva").family == "igva"
+
+
+def test_broken_records_are_reported_with_id_and_index(image_folder):
+    model = make_model("mmfuser")
+    recipe = load_recipe("finetune", model, model_max_length=256)
+    records = [
+        RECORDS[1],
+        {**RECORDS[0], "image": "missing.png"},
+        {"id": "turns", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+        {
+            **RECORDS[0],
+            "id": "two",
+            "conversations": [{"from": "human", "value": "<image> x"}, {"from": "gpt", "value": "<image> y"}],
+        },
+        {"id": "none"},
+    ]
+    dataset = recipe.dataset(records, processor_for(model.config), image_folder=image_folder)
+    dataset[0]
+    with pytest.raises(RecordError, match=r"record 'a' \(index 1\): cannot read image .*missing.png"):
+        dataset[1]
+    with pytest.raises(RecordError, match=r"record 'turns' \(index 2\): .*alternate"):
+        dataset[2]
+    with pytest.raises(RecordError, match=r"record 'two' \(index 3\): 2 turns hold <image>"):
+        dataset[3]
+    with pytest.raises(RecordError, match=r"record 'none' \(index 4\): no `conversations`"):
+        dataset[4]
+
+
+def test_modality_grouped_order_keeps_modalities_apart():
+    lengths = [5, -3, 7, -2, 4, 9, -8, 6, -1, 3, 2, -4]
+    torch.manual_seed(0)
+    order = modality_length_grouped_indices(lengths, batch_size=2, world_size=1)
+    assert sorted(order) == list(range(len(lengths)))
+    batches = [order[i : i + 2] for i in range(0, len(order) - 2, 2)]  # the last megabatch mixes the leftovers
+    for batch in batches:
+        assert len({lengths[i] > 0 for i in batch}) == 1
