@@ -198,6 +198,9 @@ def train(
     if resume_from_checkpoint and _is_peft(prepared):
         load_non_lora_trainables(prepared, resume_from_checkpoint)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    if trainer.is_fsdp_enabled:
+        # Checkpoints may be sharded; the final model is written whole.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     if _is_peft(prepared):
         trainer.save_model(str(Path(output_dir) / "adapter"))
     else:
