@@ -174,3 +174,27 @@ def test_modality_grouped_order_keeps_modalities_apart():
     batches = [order[i : i + 2] for i in range(0, len(order) - 2, 2)]  # the last megabatch mixes the leftovers
     for batch in batches:
         assert len({lengths[i] > 0 for i in batch}) == 1
+
+
+def test_internal_cross_attention_text_only_rows_attend_to_the_zero_image(image_folder):
+    model = make_model("internal_cross_pre")
+    processor = processor_for(model.config)
+    plain = load_recipe("finetune", model, model_max_length=256, zero_image_for_text_only=False)
+    dataset = plain.dataset(RECORDS, processor, image_folder=image_folder)
+    batch = plain.collate([dataset[0], dataset[1]])
+    text_only = plain.collate([dataset[1]])
+    with torch.no_grad():
+        without = model(**batch).logits
+    recipe = load_recipe("finetune", model, model_max_length=256)
+    prepared = recipe.prepare_model(model)
+    with torch.no_grad():
+        with_zero = prepared(**batch).logits
+        alone = prepared(**text_only).logits
+    length = int(text_only["attention_mask"].sum())
+    torch.testing.assert_close(with_zero[0], without[0])  # the image row is untouched
+    assert not torch.allclose(with_zero[1, :length], without[1, :length], atol=1e-4)
+    torch.testing.assert_close(with_zero[1, :length], alone[0, :length], atol=1e-5, rtol=1e-5)
+    # The internal projectors learn from text-only records too, as in the original.
+    prepared.zero_grad()
+    prepared(**text_only).loss.backward()
+    assert model.model.internal_projectors[0].linear_1.weight.grad.abs().sum() > 0

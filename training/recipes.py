@@ -38,7 +38,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import parameters
+from . import parameters, zero_image
 from .data import SupervisedCollator, SupervisedDataset
 
 FAMILIES = ("mmfuser", "layer_select_fuse", "igva")
@@ -126,6 +126,8 @@ class Recipe:
     The data fields (`template`, `image_aspect_ratio`, `model_max_length`) drive [`Recipe.dataset`] and
     [`Recipe.collate`]; the optimisation fields drive [`Recipe.trainable_parameters`],
     [`Recipe.optimizer_groups`] and [`Recipe.training_arguments`] (the `transformers.TrainingArguments` values).
+    `zero_image_for_text_only` reproduces the original's zero image of text-only records where it matters (internal
+    cross-attention fusion, see [`zero_image`]).
     """
 
     family: str
@@ -154,6 +156,7 @@ class Recipe:
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    zero_image_for_text_only: bool = True
     _prepared: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False, compare=False)
     _collator: SupervisedCollator | None = field(default=None, repr=False, compare=False)
 
@@ -216,7 +219,7 @@ class Recipe:
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """`model` set up for this stage: `requires_grad` per stage; IGVA stage 1 switched to uniform averaging of
-        the layer groups; `lora`/`qlora` wrapped in a `peft.PeftModel` (the LoRA layers are injected into `model`).
+        the layer groups; the zero image of text-only records for I_M models; `lora`/`qlora` wrapped in a `peft.PeftModel` (the LoRA layers are injected into `model`).
         Returns the model to train (the same `PeftModel` when called again with the same `model`)."""
         if model in self._prepared:
             return self._prepared[model]
@@ -230,6 +233,8 @@ class Recipe:
             # Stage 1 of IGVA averages the layer groups uniformly (the original builds it with aggregate_by_average).
             model.model.multi_modal_projector.aggregate_by_average = True
         model.config.use_cache = False
+        if self.zero_image_for_text_only:
+            zero_image.install(model)
         prepared = model
         if self.stage in ("lora", "qlora"):
             prepared = self._wrap_lora(model)
