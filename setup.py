@@ -19,9 +19,10 @@ extras = {
     "peft": ["peft>=0.17"],
     "quantization": ["bitsandbytes>=0.45"],
     "convert": ["sentencepiece>=0.2", "protobuf>=4"],
+    "train": ["peft>=0.17", "datasets>=3"],
 }
 extras["test"] = sorted(
-    {*extras["peft"], *extras["quantization"], *extras["convert"], "pytest>=8", "hypothesis>=6"}
+    {*extras["peft"], *extras["quantization"], *extras["convert"], *extras["train"], "pytest>=8", "hypothesis>=6"}
 )
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 

@@ -66,6 +66,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model", required=True, help="Checkpoint directory / Hub id (stage 2: stage 1's output).")
     parser.add_argument("--data", required=True, help="Records: .json / .jsonl (LLaVA format) or a datasets name.")
     parser.add_argument("--data-split", default="train", help="Split of a datasets dataset (default: train).")
+    parser.add_argument("--streaming", action="store_true", help="Stream a datasets dataset (needs --max-steps).")
     parser.add_argument("--image-folder", help="Root of the records' relative image paths.")
     parser.add_argument(
         "--sentence-embed-folder", help="IGVA: folder of the precomputed instruction embeddings (`sentence_embed`)."
@@ -119,6 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
             resume_from_checkpoint=args.resume_from_checkpoint,
             seed=args.seed,
             data_split=args.data_split,
+            streaming=args.streaming,
             recipe_overrides=overrides,
             **training_arguments,
         )

@@ -198,3 +198,25 @@ def test_internal_cross_attention_text_only_rows_attend_to_the_zero_image(image_
     prepared.zero_grad()
     prepared(**text_only).loss.backward()
     assert model.model.internal_projectors[0].linear_1.weight.grad.abs().sum() > 0
+
+
+def test_datasets_tables_and_streams_give_the_same_items(image_folder):
+    datasets = pytest.importorskip("datasets")
+    model = make_model("mmfuser")
+    processor = processor_for(model.config)
+    recipe = load_recipe("finetune", model, model_max_length=256)
+    listed = recipe.dataset(RECORDS, processor, image_folder=image_folder)
+    table = recipe.dataset(datasets.Dataset.from_list(RECORDS), processor, image_folder=image_folder)
+    stream = recipe.dataset(
+        datasets.Dataset.from_list(RECORDS).to_iterable_dataset(), processor, image_folder=image_folder
+    )
+    assert len(table) == len(RECORDS) and not hasattr(stream, "__len__")
+    streamed = list(stream)
+    for index in range(len(RECORDS)):
+        for item in (table[index], streamed[index]):
+            assert item.keys() == listed[index].keys()
+            for key, value in item.items():
+                assert torch.equal(value, listed[index][key]), (index, key)
+    broken = datasets.Dataset.from_list([RECORDS[0], {**RECORDS[2], "image": "gone.png"}]).to_iterable_dataset()
+    with pytest.raises(RecordError, match=r"record 'c' \(index 1\): cannot read image"):
+        list(recipe.dataset(broken, processor, image_folder=image_folder))

@@ -149,7 +149,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return [modality_length(record) for record in self.records]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        record = self.records[index]
+        return self.item(self.records[index], index)
+
+    def item(self, record: dict, index: int) -> dict[str, torch.Tensor]:
+        """The item of `record`, the `index`-th record (named in errors)."""
         record_id = record.get("id") if isinstance(record, dict) else None
         try:
             return self._item(record, index)
@@ -231,6 +234,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return {}
 
 
+class IterableSupervisedDataset(torch.utils.data.IterableDataset):
+    """[`SupervisedDataset`] items of records that are streamed (e.g. a `datasets.IterableDataset`), in order."""
+
+    def __init__(self, records, items: SupervisedDataset):
+        self.records = records
+        self.items = items
+
+    def __iter__(self):
+        for index, record in enumerate(self.records):
+            yield self.items.item(record, index)
+
+
 def instruction_text(record: dict) -> str:
     """IGVA's instruction when it is computed here: the text of the first human turn holding `<image>`, without it."""
     for turn in record["conversations"]:
@@ -257,9 +272,7 @@ def expand_placeholder(
 def collapse_image_tokens(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """The inverse of [`expand_placeholder`] on ids: each run of image tokens becomes one placeholder, `(seq_len,)`."""
     is_image = input_ids == image_token_id
-    run_start = is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])
-    keep = ~is_image | run_start
-    return input_ids.masked_fill(is_image, IMAGE_PLACEHOLDER_ID)[keep]
+    return input_ids.masked_fill(is_image, IMAGE_PLACEHOLDER_ID)[_collapse_keep(input_ids, image_token_id)]
 
 
 @dataclass
@@ -346,6 +359,7 @@ def _collapse_keep(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor
 
 
 __all__ = [
+    "IterableSupervisedDataset",
     "RecordError",
     "SupervisedCollator",
     "SupervisedDataset",

@@ -39,7 +39,7 @@ from pathlib import Path
 from torch import nn
 
 from . import parameters, zero_image
-from .data import SupervisedCollator, SupervisedDataset
+from .data import IterableSupervisedDataset, SupervisedCollator, SupervisedDataset
 
 FAMILIES = ("mmfuser", "layer_select_fuse", "igva")
 STAGES = ("pretrain", "finetune", "lora", "qlora")
@@ -105,7 +105,7 @@ RECIPE_DEFAULTS: dict[str, dict[str, dict]] = {
     "igva": {
         "pretrain": _STAGE_1,
         "finetune": _STAGE_2,
-        "lora": {**_STAGE_2, **_LORA},
+        "lora": {**_STAGE_2, **_LORA, "mm_projector_lr": 2e-5},
     },
 }
 for _family in RECIPE_DEFAULTS.values():
@@ -171,8 +171,9 @@ class Recipe:
         image_folder: str | os.PathLike | None = None,
         instruction_embeds_folder: str | os.PathLike | None = None,
         instruction_source: str | None = "auto",
-    ) -> SupervisedDataset:
-        """The stage's dataset over LLaVA-format `records` (see [`SupervisedDataset`]).
+    ) -> SupervisedDataset | IterableSupervisedDataset:
+        """The stage's dataset over LLaVA-format `records` (see [`SupervisedDataset`]); records without `len`
+        (a streamed `datasets.IterableDataset`) give an [`IterableSupervisedDataset`] (set `max_steps` to train).
 
         IGVA stage 2 needs one instruction embedding per image: from `instruction_embeds_folder` (the original's
         `--sentence_embed_folder`, each record's `sentence_embed` names a `.pt` file there), or, without a folder,
@@ -186,8 +187,9 @@ class Recipe:
             else:
                 instruction_source = "folder" if instruction_embeds_folder is not None else "encoder"
         self._collator = self.collator(processor)
-        return SupervisedDataset(
-            records,
+        streamed = not hasattr(records, "__len__") or not hasattr(records, "__getitem__")
+        dataset = SupervisedDataset(
+            [] if streamed else records,
             processor,
             template=self.template,
             model_max_length=self.model_max_length,
@@ -196,6 +198,7 @@ class Recipe:
             instruction_embeds_folder=instruction_embeds_folder,
             instruction_source=instruction_source,
         )
+        return IterableSupervisedDataset(records, dataset) if streamed else dataset
 
     def collator(self, processor) -> SupervisedCollator:
         """The collator of [`Recipe.dataset`] items for `processor`'s tokenizer and image token."""

@@ -150,6 +150,7 @@ def train(
     resume_from_checkpoint: str | bool | None = None,
     seed: int = 42,
     data_split: str = "train",
+    streaming: bool = False,
     recipe_overrides: dict | None = None,
     **training_arguments,
 ) -> RecipeTrainer:
@@ -165,6 +166,7 @@ def train(
         family: The family, when it cannot be detected (see [`detect_family`]).
         resume_from_checkpoint: A `checkpoint-N` directory, or `True` for the last one in `output_dir`.
         seed: Seed of the initialisation of new weights (LoRA) and of the data order.
+        data_split, streaming: Split of a `datasets` dataset, and whether to stream it (then set `max_steps`).
         recipe_overrides: [`Recipe`] fields to override (when `recipe` is a name).
         training_arguments: `TrainingArguments` fields overriding the recipe's (e.g. `bf16=False`, `deepspeed=...`).
     """
@@ -177,7 +179,7 @@ def train(
     processor = LlavaMultiLayerProcessor.from_pretrained(str(model))
     prepared = recipe.prepare_model(loaded)
     dataset = recipe.dataset(
-        load_records(data, data_split),
+        load_records(data, data_split, streaming),
         processor,
         image_folder=image_folder,
         instruction_embeds_folder=instruction_embeds_folder,
