@@ -71,6 +71,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--sentence-embed-folder", help="IGVA: folder of the precomputed instruction embeddings (`sentence_embed`)."
     )
+    parser.add_argument(
+        "--sentence-encoder",
+        help="IGVA stage 2 from a stage-1 model: the instruction encoder (sentence-transformers).",
+    )
     parser.add_argument("--output-dir", required=True, help="Checkpoints and the final model + processor.")
     parser.add_argument(
         "--family", choices=["mmfuser", "layer_select_fuse", "igva"], help="Family, when it cannot be detected."
@@ -121,6 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             data_split=args.data_split,
             streaming=args.streaming,
+            sentence_encoder=args.sentence_encoder,
             recipe_overrides=overrides,
             **training_arguments,
         )

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_model, processor_for, random_image
+from transformers import AutoModel
 
-from llava_multilayer.training import RecordError, load_recipe
+from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
+from llava_multilayer.training import RecordError, load_recipe, train
 from llava_multilayer.training.sampler import modality_length_grouped_indices
 
 RECORDS = [
@@ -220,3 +222,54 @@ def test_datasets_tables_and_streams_give_the_same_items(image_folder):
     broken = datasets.Dataset.from_list([RECORDS[0], {**RECORDS[2], "image": "gone.png"}]).to_iterable_dataset()
     with pytest.raises(RecordError, match=r"record 'c' \(index 1\): cannot read image"):
         list(recipe.dataset(broken, processor, image_folder=image_folder))
+
+
+def test_igva_stage_1_output_trains_in_stage_2_with_a_fresh_aggregator(image_folder, tmp_path):
+    encoder_dir = Path(__file__).parent / "fixtures" / "igva-clip" / "sentence_embedder"
+    model = make_model("igva_average")
+    model.save_pretrained(tmp_path / "init")
+    processor_for(model.config).save_pretrained(tmp_path / "init")
+    pretrain = [RECORDS[0], {**RECORDS[2], "conversations": RECORDS[2]["conversations"][:2]}]
+    arguments = {"bf16": False, "use_cpu": True, "max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 10}
+    recipe = {"model_max_length": 256, "warmup_ratio": 0.0}
+    train(
+        tmp_path / "init",
+        pretrain,
+        tmp_path / "stage1",
+        "pretrain",
+        image_folder=image_folder,
+        recipe_overrides=recipe,
+        **arguments,
+    )
+    with pytest.raises(ValueError, match="needs the sentence encoder"):
+        train(
+            tmp_path / "stage1",
+            RECORDS,
+            tmp_path / "stage2",
+            "finetune",
+            image_folder=image_folder,
+            recipe_overrides=recipe,
+            **arguments,
+        )
+    trainer = train(
+        tmp_path / "stage1",
+        RECORDS,
+        tmp_path / "stage2",
+        "finetune",
+        image_folder=image_folder,
+        sentence_encoder=encoder_dir,
+        recipe_overrides=recipe,
+        **arguments,
+    )
+    assert trainer.state.global_step == 1
+    stage1 = LlavaMultiLayerForConditionalGeneration.from_pretrained(tmp_path / "stage1")
+    stage2 = LlavaMultiLayerForConditionalGeneration.from_pretrained(tmp_path / "stage2")
+    assert stage2.config.igva_aggregate_by_average is False and stage2.model.instruction_encoder is not None
+    processor = LlavaMultiLayerProcessor.from_pretrained(tmp_path / "stage2")
+    assert processor.instruction_tokenizer is not None
+    vision = {name: tensor for name, tensor in stage1.state_dict().items() if name.startswith("model.vision_tower.")}
+    for name, tensor in vision.items():
+        assert torch.equal(stage2.state_dict()[name], tensor)
+    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
+    for name, tensor in stage2.model.instruction_encoder.encoder.state_dict().items():
+        assert torch.equal(tensor, encoder[name]), name

@@ -36,6 +36,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import parameters, zero_image
@@ -242,6 +243,11 @@ class Recipe:
         if self.stage in ("lora", "qlora"):
             prepared = self._wrap_lora(model)
         parameters.set_trainable(prepared, self.stage)
+        if prepared is not model:
+            # Trained weights in float32 whatever the dtype of the frozen (possibly quantized) ones.
+            for parameter in prepared.parameters():
+                if parameter.requires_grad and parameter.dtype != torch.float32:
+                    parameter.data = parameter.data.float()
         self._prepared[model] = prepared
         return prepared
 

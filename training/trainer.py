@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -36,6 +37,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
 
 from .data import load_records
+from .igva import add_aggregator
 from .recipes import Recipe, load_recipe
 from .sampler import ModalityLengthGroupedSampler
 
@@ -151,6 +153,7 @@ def train(
     seed: int = 42,
     data_split: str = "train",
     streaming: bool = False,
+    sentence_encoder: str | os.PathLike | None = None,
     recipe_overrides: dict | None = None,
     **training_arguments,
 ) -> RecipeTrainer:
@@ -167,6 +170,8 @@ def train(
         resume_from_checkpoint: A `checkpoint-N` directory, or `True` for the last one in `output_dir`.
         seed: Seed of the initialisation of new weights (LoRA) and of the data order.
         data_split, streaming: Split of a `datasets` dataset, and whether to stream it (then set `max_steps`).
+        sentence_encoder: IGVA stage 2 from a stage-1 model: the sentence-transformers directory of the instruction
+            encoder (see [`add_aggregator`]).
         recipe_overrides: [`Recipe`] fields to override (when `recipe` is a name).
         training_arguments: `TrainingArguments` fields overriding the recipe's (e.g. `bf16=False`, `deepspeed=...`).
     """
@@ -177,6 +182,20 @@ def train(
     if isinstance(recipe, str):
         recipe = load_recipe(recipe, loaded, family=family, **(recipe_overrides or {}))
     processor = LlavaMultiLayerProcessor.from_pretrained(str(model))
+    if recipe.family == "igva" and recipe.stage != "pretrain" and loaded.config.igva_aggregate_by_average:
+        if sentence_encoder is None:
+            raise ValueError(
+                f"{model} is an IGVA stage-1 model (uniform averaging): stage 2 ({recipe.stage}) adds the instruction-"
+                "guided aggregator and needs the sentence encoder: pass sentence_encoder= (--sentence-encoder DIR)."
+            )
+        loaded, processor = add_aggregator(loaded, processor, sentence_encoder)
+        if recipe.stage != "finetune":
+            # The base a LoRA adapter is merged into at the end (the stored stage-1 model lacks the aggregator).
+            initial = Path(output_dir) / "stage2-init"
+            if PartialState().is_main_process:
+                loaded.save_pretrained(initial)
+                processor.save_pretrained(initial)
+            loaded.config._name_or_path = str(initial)
     prepared = recipe.prepare_model(loaded)
     dataset = recipe.dataset(
         load_records(data, data_split, streaming),
@@ -209,24 +228,24 @@ def train(
         trainer.save_model(str(output_dir))
     if trainer.args.should_save:
         if _is_peft(prepared):
-            merge_adapter(model, Path(output_dir) / "adapter", output_dir)
+            merge_adapter(prepared, Path(output_dir) / "adapter", output_dir, processor)
         (Path(output_dir) / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
     return trainer
 
 
-def merge_adapter(
-    base_model: str | os.PathLike, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike
-) -> Path:
+def merge_adapter(trained, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, processor) -> Path:
     """Merges an adapter written by [`train`] (LoRA weights + `non_lora_trainables.safetensors`) into the
-    unquantized base model and writes a full checkpoint + processor to `output_dir`."""
+    unquantized base of the trained peft model `trained` (loaded afresh from its `name_or_path`, so that QLoRA merges
+    into full-precision weights) and writes a full checkpoint + `processor` to `output_dir`."""
     from peft import PeftModel
 
-    base = LlavaMultiLayerForConditionalGeneration.from_pretrained(base_model, dtype=torch.float32)
+    base_dir = trained.get_base_model().config._name_or_path
+    base = LlavaMultiLayerForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     load_non_lora_trainables(model, adapter_dir)
     merged = model.merge_and_unload()
     merged.save_pretrained(output_dir)
-    LlavaMultiLayerProcessor.from_pretrained(str(base_model)).save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     return Path(output_dir)
 
 
