@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from converted_fixtures import LocalHub
+from huggingface_hub import constants
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
-from llava_multilayer import LlavaMultiLayerForConditionalGeneration
+from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
 from llava_multilayer.commands.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -193,3 +196,23 @@ def test_two_process_ddp_losses_equal_a_single_process_with_the_same_global_batc
     # Step 1: the same weights and the same global batch; step 2 after one update (gradients reduced across ranks).
     assert abs(single[0] - ddp[0]) <= 1e-6
     assert abs(single[1] - ddp[1]) <= 1e-5
+
+
+def test_final_checkpoint_pushes_to_the_hub_with_nothing_lost(two_stage, monkeypatch):
+    hub = LocalHub()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    try:
+        directory = two_stage / "tiny-stage2"
+        LlavaMultiLayerForConditionalGeneration.from_pretrained(directory).push_to_hub("me/tiny-lsf")
+        LlavaMultiLayerProcessor.from_pretrained(directory).push_to_hub("me/tiny-lsf")
+        files = hub.files("me/tiny-lsf")
+    finally:
+        hub.close()
+    pushed = load_bytes(files["model.safetensors"])
+    saved = weights(directory)
+    assert pushed.keys() == saved.keys()
+    assert all(torch.equal(pushed[name], saved[name]) for name in saved)
+    assert {"config.json", "modeling_llava_multilayer.py", "processor_config.json", "tokenizer.json"} <= set(files)
