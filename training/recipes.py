@@ -223,8 +223,9 @@ class Recipe:
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """`model` set up for this stage: `requires_grad` per stage; IGVA stage 1 switched to uniform averaging of
-        the layer groups; the zero image of text-only records for I_M models; `lora`/`qlora` wrapped in a `peft.PeftModel` (the LoRA layers are injected into `model`).
-        Returns the model to train (the same `PeftModel` when called again with the same `model`)."""
+        the layer groups (other stages: back to the config's setting); the zero image of text-only records for I_M
+        models; `lora`/`qlora` wrapped in a `peft.PeftModel` (the LoRA layers are injected into `model`). Returns the
+        model to train (the same `PeftModel` when called again with the same `model`)."""
         if model in self._prepared:
             return self._prepared[model]
         if any(prepared is model for prepared in self._prepared.values()):
@@ -233,9 +234,10 @@ class Recipe:
             raise ValueError(
                 "prepare_model expects the plain LlavaMultiLayer model, got a model already wrapped by peft."
             )
-        if self.family == "igva" and self.stage == "pretrain":
+        if model.config.fusion_type == "igva":
             # Stage 1 of IGVA averages the layer groups uniformly (the original builds it with aggregate_by_average).
-            model.model.multi_modal_projector.aggregate_by_average = True
+            by_average = self.stage == "pretrain" or model.config.igva_aggregate_by_average
+            model.model.multi_modal_projector.aggregate_by_average = by_average
         model.config.use_cache = False
         if self.zero_image_for_text_only:
             zero_image.install(model)
