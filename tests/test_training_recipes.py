@@ -273,3 +273,21 @@ def test_igva_stage_1_output_trains_in_stage_2_with_a_fresh_aggregator(image_fol
     encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
     for name, tensor in stage2.model.instruction_encoder.encoder.state_dict().items():
         assert torch.equal(tensor, encoder[name]), name
+
+
+def test_tokenization_mismatch_masks_the_whole_record_as_the_original(caplog):
+    model = make_model("mmfuser")
+    recipe = load_recipe("finetune", model, model_max_length=256)
+    records = [
+        {"id": "ok", "conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "Hi."}]},
+        # " ASSISTANT: " inside a turn breaks the original's round split, so its length check fails.
+        {
+            "id": "odd",
+            "conversations": [{"from": "human", "value": "Say ASSISTANT: hi"}, {"from": "gpt", "value": "Hi."}],
+        },
+    ]
+    dataset = recipe.dataset(records, processor_for(model.config))
+    assert (dataset[0]["labels"] != -100).any()
+    with caplog.at_level("WARNING"):
+        assert (dataset[1]["labels"] == -100).all()
+    assert "tokenization mismatch" in caplog.text
