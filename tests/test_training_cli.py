@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
 from llava_multilayer.commands.cli import main
+from llava_multilayer.conversion.conversion_utils import push_to_hub
 
 ROOT = Path(__file__).parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "training-lsf-E_D-clip-3-18-23"
@@ -198,7 +199,7 @@ def test_two_process_ddp_losses_equal_a_single_process_with_the_same_global_batc
     assert abs(single[1] - ddp[1]) <= 1e-5
 
 
-def test_final_checkpoint_pushes_to_the_hub_with_nothing_lost(two_stage, monkeypatch):
+def test_final_checkpoint_pushes_to_the_hub_with_nothing_lost(two_stage, monkeypatch, tmp_path):
     hub = LocalHub()
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -206,8 +207,10 @@ def test_final_checkpoint_pushes_to_the_hub_with_nothing_lost(two_stage, monkeyp
     monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
     try:
         directory = two_stage / "tiny-stage2"
-        LlavaMultiLayerForConditionalGeneration.from_pretrained(directory).push_to_hub("me/tiny-lsf")
-        LlavaMultiLayerProcessor.from_pretrained(directory).push_to_hub("me/tiny-lsf")
+        # What `push_to_hub` of the model and processor upload: their `save_pretrained` files.
+        LlavaMultiLayerForConditionalGeneration.from_pretrained(directory).save_pretrained(tmp_path / "hub")
+        LlavaMultiLayerProcessor.from_pretrained(directory).save_pretrained(tmp_path / "hub")
+        push_to_hub(tmp_path / "hub", "me/tiny-lsf")
         files = hub.files("me/tiny-lsf")
     finally:
         hub.close()
