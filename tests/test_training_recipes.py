@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_model, processor_for, random_image
-from transformers import AutoModel
+from transformers import AutoModel, TrainingArguments
 
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
-from llava_multilayer.training import RecordError, load_recipe, train
+from llava_multilayer.training import RecipeTrainer, RecordError, load_recipe, train
 from llava_multilayer.training.sampler import modality_length_grouped_indices
 
 RECORDS = [
@@ -291,3 +291,22 @@ def test_tokenization_mismatch_masks_the_whole_record_as_the_original(caplog):
     with caplog.at_level("WARNING"):
         assert (dataset[1]["labels"] == -100).all()
     assert "tokenization mismatch" in caplog.text
+
+
+def test_the_trainer_optimizes_the_recipe_groups(tmp_path):
+    model = make_model("mmfuser")
+    recipe = load_recipe("pretrain", model, weight_decay=0.1)
+    prepared = recipe.prepare_model(model)
+    arguments = TrainingArguments(**recipe.training_arguments(tmp_path, bf16=False, use_cpu=True))
+    trainer = RecipeTrainer(recipe, model=prepared, args=arguments, train_dataset=[], data_collator=None)
+    optimizer = trainer.create_optimizer()
+    parameters = dict(prepared.named_parameters())
+    groups = recipe.optimizer_groups(model)
+    assert [group["lr"] for group in groups] == [1e-3, 1e-3, 1e-4, 1e-4]
+    assert [group["weight_decay"] for group in groups] == [0.1, 0.0, 0.1, 0.0]
+    assert len(optimizer.param_groups) == len(groups)
+    for used, group in zip(optimizer.param_groups, groups):
+        assert used["lr"] == group["lr"] and used["weight_decay"] == group["weight_decay"]
+        assert [id(p) for p in used["params"]] == [id(parameters[name]) for name in group["params"]]
+    assert all(".fuser." in name for group in groups[2:] for name in group["params"])
+    assert any(name.endswith("scale") for name in groups[2]["params"])  # the fuser's gammas decay, as in the original
