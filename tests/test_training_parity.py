@@ -198,3 +198,51 @@ def test_finetune_loss_and_gradients(converted, name):
         gradient = parameters[map_name(original, FIXTURES[name])].grad
         want = expected[original].reshape(gradient.shape)
         torch.testing.assert_close(gradient, want, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=original)
+
+
+#: `train()` flags of the fixtures' argv -> the recipe field holding the same value (CPU overrides left out:
+#: `--bf16`, `--model_max_length`, `--dataloader_num_workers`, `--report_to`).
+SCRIPT_FLAGS = {
+    "--learning_rate": ("learning_rate", float),
+    "--weight_decay": ("weight_decay", float),
+    "--mm_projector_lr": ("mm_projector_lr", float),
+    "--ms_cross_attn_lr": ("ms_cross_attn_lr", float),
+    "--lr_scheduler_type": ("lr_scheduler_type", str),
+    "--warmup_ratio": ("warmup_ratio", float),
+    "--warmup_steps": ("warmup_steps", int),
+    "--num_train_epochs": ("num_train_epochs", float),
+    "--max_steps": ("max_steps", int),
+    "--per_device_train_batch_size": ("per_device_train_batch_size", int),
+    "--gradient_accumulation_steps": ("gradient_accumulation_steps", int),
+    "--group_by_modality_length": ("group_by_modality_length", lambda value: value == "True"),
+    "--gradient_checkpointing": ("gradient_checkpointing", lambda value: value == "True"),
+    "--save_steps": ("save_steps", int),
+    "--save_total_limit": ("save_total_limit", int),
+    "--logging_steps": ("logging_steps", int),
+    "--lora_r": ("lora_r", int),
+    "--lora_alpha": ("lora_alpha", int),
+    "--image_aspect_ratio": ("image_aspect_ratio", str),
+    "--version": ("template", {"plain": "plain", "v1": "vicuna_v1"}.get),
+}
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("stage", ["pretrain", "pretrain_7b", "finetune", "lora"])
+def test_recipe_defaults_are_the_original_scripts(name, stage):
+    spec = json.loads((FIXTURES_DIR / name / "trainable.json").read_text())
+    if stage not in spec:
+        pytest.skip(f"{name} has no {stage} stage")
+    argv = spec[stage]["argv"]
+    flags = {}
+    for index, flag in enumerate(argv):
+        if flag.startswith("--") and index + 1 < len(argv):
+            flags[flag] = argv[index + 1]  # a later occurrence wins, as in HfArgumentParser
+    family = "mmfuser" if "mmfuser" in name else "layer_select_fuse"
+    overrides = {"ms_cross_attn_lr": None} if stage == "pretrain_7b" else {}
+    recipe = load_recipe(stage.removesuffix("_7b"), family=family, **overrides)
+    for flag, (field, parse) in SCRIPT_FLAGS.items():
+        if flag in flags:
+            assert getattr(recipe, field) == parse(flags[flag]), (flag, flags[flag], getattr(recipe, field))
+    assert recipe.image_aspect_ratio == flags.get("--image_aspect_ratio", "square")
+    assert recipe.model_max_length == 2048  # the scripts' value (the fixtures ran with 320 on CPU)
+    assert recipe.bf16  # the scripts' --bf16 True (the fixtures ran on CPU without)
