@@ -187,10 +187,12 @@ def test_internal_cross_attention_text_only_rows_attend_to_the_zero_image(image_
     text_only = plain.collate([dataset[1]])
     with torch.no_grad():
         without = model(**batch).logits
-    recipe = load_recipe("finetune", model, model_max_length=256)
+    recipe = load_recipe("finetune", model, model_max_length=256)  # sets the forward up at once
+    with torch.no_grad():
+        with_zero = model(**batch).logits
     prepared = recipe.prepare_model(model)
     with torch.no_grad():
-        with_zero = prepared(**batch).logits
+        torch.testing.assert_close(prepared(**batch).logits, with_zero)  # installed once
         alone = prepared(**text_only).logits
     length = int(text_only["attention_mask"].sum())
     torch.testing.assert_close(with_zero[0], without[0])  # the image row is untouched

@@ -222,10 +222,9 @@ class Recipe:
     # ----------------------------------------------------------------------------------------------------------
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """`model` set up for this stage: `requires_grad` per stage; IGVA stage 1 switched to uniform averaging of
-        the layer groups (other stages: back to the config's setting); the zero image of text-only records for I_M
-        models; `lora`/`qlora` wrapped in a `peft.PeftModel` (the LoRA layers are injected into `model`). Returns the
-        model to train (the same `PeftModel` when called again with the same `model`)."""
+        """`model` set up for this stage: its forward ([`Recipe.set_up_forward`]), `requires_grad` per stage, and
+        for `lora`/`qlora` a `peft.PeftModel` around it (the LoRA layers are injected into `model`). Returns the model
+        to train (the same `PeftModel` when called again with the same `model`)."""
         if model in self._prepared:
             return self._prepared[model]
         if any(prepared is model for prepared in self._prepared.values()):
@@ -234,13 +233,8 @@ class Recipe:
             raise ValueError(
                 "prepare_model expects the plain LlavaMultiLayer model, got a model already wrapped by peft."
             )
-        if model.config.fusion_type == "igva":
-            # Stage 1 of IGVA averages the layer groups uniformly (the original builds it with aggregate_by_average).
-            by_average = self.stage == "pretrain" or model.config.igva_aggregate_by_average
-            model.model.multi_modal_projector.aggregate_by_average = by_average
+        self.set_up_forward(model)
         model.config.use_cache = False
-        if self.zero_image_for_text_only:
-            zero_image.install(model)
         prepared = model
         if self.stage in ("lora", "qlora"):
             prepared = self._wrap_lora(model)
@@ -252,6 +246,16 @@ class Recipe:
                     parameter.data = parameter.data.float()
         self._prepared[model] = prepared
         return prepared
+
+    def set_up_forward(self, model: nn.Module) -> None:
+        """Makes `model`'s forward the original's for this stage ([`load_recipe`] calls it): IGVA stage 1 averages
+        the layer groups uniformly (other stages: the config's setting); I_M text-only rows attend to the zero
+        image (`zero_image_for_text_only`)."""
+        if model.config.fusion_type == "igva":
+            # Stage 1 of IGVA averages the layer groups uniformly (the original builds it with aggregate_by_average).
+            by_average = self.stage == "pretrain" or model.config.igva_aggregate_by_average
+            model.model.multi_modal_projector.aggregate_by_average = by_average
+        zero_image.set_enabled(model, self.zero_image_for_text_only)
 
     def _wrap_lora(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -346,6 +350,9 @@ def load_recipe(stage: str, model: nn.Module | None = None, family: str | None =
     with the original scripts' defaults and `overrides` (any [`Recipe`] field, e.g. `model_max_length=320`,
     `learning_rate=1e-4`, `ms_cross_attn_lr=None`).
 
+    With `model`, its forward is set up for the stage at once ([`Recipe.set_up_forward`]), so that
+    `model(**recipe.collate(items)).loss` is the original's loss even before [`Recipe.prepare_model`].
+
     Raises `ValueError` for an unknown stage or family, an unknown override, or a learning-rate option the family's
     original code does not have (e.g. `mm_projector_lr` for MMFuser).
     """
@@ -367,7 +374,10 @@ def load_recipe(stage: str, model: nn.Module | None = None, family: str | None =
                 f"{option}: the original {family} code has no such option (it has {FAMILY_LR_OPTIONS[family]}), "
                 f"got {option}={overrides[option]}."
             )
-    return Recipe(family=family, stage=stage, **{**RECIPE_DEFAULTS[family][stage], **overrides})
+    recipe = Recipe(family=family, stage=stage, **{**RECIPE_DEFAULTS[family][stage], **overrides})
+    if model is not None:
+        recipe.set_up_forward(model)
+    return recipe
 
 
 __all__ = ["FAMILIES", "RECIPE_DEFAULTS", "STAGES", "Recipe", "detect_family", "load_recipe"]

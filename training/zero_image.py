@@ -17,7 +17,7 @@ The original collator gives every text-only record of a multimodal run an all-ze
 image changes nothing (none of its features is spliced in), but in I_M every decoder layer with cross-attention
 attends to the internal features of the row's image, so a text-only row attends to the zero image's features
 (with the causal rule of the original: query position `p` sees visual token `j <= p`), and the internal projectors
-get gradients from it. This model gives rows without image tokens no visual features, so [`install`] adds a
+get gradients from it. This model gives rows without image tokens no visual features, so [`set_enabled`] adds a
 forward pre-hook to the language model that fills those rows with the zero image's internal features (computed in
 the graph, once per forward). It acts only on forwards without a cache (training and scoring), not on generation.
 """
@@ -78,17 +78,27 @@ def _fill_text_only_rows(model: nn.Module, args: tuple, kwargs: dict) -> None:
         layer.fusion_inputs = InternalFusionInputs(features, feature_mask=mask)
 
 
-def install(model: nn.Module) -> torch.utils.hooks.RemovableHandle | None:
-    """Installs the zero-image pre-hook on `model` (a `LlavaMultiLayerForConditionalGeneration`) when it has
-    internal cross-attention fusion; returns the hook's handle (`None` for other models)."""
+_HANDLE = "_zero_image_hook"
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Installs (`enabled`) or removes the zero-image pre-hook of `model` (a `LlavaMultiLayerForConditionalGeneration`)
+    when it has internal cross-attention fusion; other models are left alone. Installing twice is a no-op."""
     base = model.model
     if base.config.internal_fusion_type != "cross_attention":
-        return None
+        return
+    handle = getattr(base, _HANDLE, None)
+    if not enabled:
+        if handle is not None:
+            handle.remove()
+            delattr(base, _HANDLE)
+        return
+    if handle is None:
 
-    def hook(module, args, kwargs):
-        _fill_text_only_rows(base, args, kwargs)
+        def hook(module, args, kwargs):
+            _fill_text_only_rows(base, args, kwargs)
 
-    return base.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+        setattr(base, _HANDLE, base.language_model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
-__all__ = ["install", "zero_image_features"]
+__all__ = ["set_enabled", "zero_image_features"]
