@@ -82,6 +82,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     for name, kind in RECIPE_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="(default: the recipe's)")
     parser.add_argument("--bf16", type=_bool, help="bfloat16 mixed precision (default: the recipe's, True).")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="Dtype the model is loaded in (default: float32; bfloat16 with DeepSpeed or for LoRA's frozen weights).",
+    )
     parser.add_argument("--gradient-checkpointing", type=_bool, help="(default: the recipe's, True).")
     parser.add_argument(
         "--group-by-modality-length", type=_bool, help="Original length-grouped sampler (default: the recipe's)."
@@ -126,6 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
             data_split=args.data_split,
             streaming=args.streaming,
             sentence_encoder=args.sentence_encoder,
+            dtype=args.dtype,
             recipe_overrides=overrides,
             **training_arguments,
         )

@@ -154,6 +154,7 @@ def train(
     data_split: str = "train",
     streaming: bool = False,
     sentence_encoder: str | os.PathLike | None = None,
+    dtype: torch.dtype | str = torch.float32,
     recipe_overrides: dict | None = None,
     **training_arguments,
 ) -> RecipeTrainer:
@@ -172,13 +173,17 @@ def train(
         data_split, streaming: Split of a `datasets` dataset, and whether to stream it (then set `max_steps`).
         sentence_encoder: IGVA stage 2 from a stage-1 model: the sentence-transformers directory of the instruction
             encoder (see [`add_aggregator`]).
+        dtype: Dtype the model is loaded in (`torch.dtype` or its name). float32 (default) keeps float32 master
+            weights under `bf16` autocast; bfloat16 halves the memory of frozen weights (LoRA: the trained ones stay
+            float32) and, as the original, suits DeepSpeed, which keeps float32 master weights itself.
         recipe_overrides: [`Recipe`] fields to override (when `recipe` is a name).
         training_arguments: `TrainingArguments` fields overriding the recipe's (e.g. `bf16=False`, `deepspeed=...`).
     """
     set_seed(seed)
     stage = recipe if isinstance(recipe, str) else recipe.stage
     load_in_4bit = stage == "qlora"
-    loaded = load_model(model, load_in_4bit=load_in_4bit)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    loaded = load_model(model, dtype=dtype, load_in_4bit=load_in_4bit)
     if isinstance(recipe, str):
         recipe = load_recipe(recipe, loaded, family=family, **(recipe_overrides or {}))
     processor = LlavaMultiLayerProcessor.from_pretrained(str(model))
