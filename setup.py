@@ -21,9 +21,10 @@ extras = {
     "peft": ["peft>=0.18.0,<1"],
     "quantization": ["bitsandbytes>=0.45"],
     "convert": ["sentencepiece>=0.2", "protobuf>=4"],
+    "train": ["peft>=0.17", "datasets>=3"],
 }
 extras["test"] = sorted(
-    {*extras["peft"], *extras["quantization"], *extras["convert"], "pytest>=8", "hypothesis>=6"}
+    {*extras["peft"], *extras["quantization"], *extras["convert"], *extras["train"], "pytest>=8", "hypothesis>=6"}
 )
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 
@@ -54,6 +55,7 @@ setup(
         "llava_multilayer.conversion",
         "llava_multilayer.commands",
         "llava_multilayer.model_cards",
+        "llava_multilayer.training",
     ],
     package_dir={
         "llava_multilayer": "modeling",
@@ -61,6 +63,7 @@ setup(
         "llava_multilayer.conversion": "conversion_scripts",
         "llava_multilayer.commands": "commands",
         "llava_multilayer.model_cards": "model_cards",
+        "llava_multilayer.training": "training",
     },
     package_data={
         "llava_multilayer.model_cards": ["*.md"],

@@ -19,6 +19,7 @@
     llava-multilayer generate OUT --image photo.jpg --prompt "What is shown?"
     llava-multilayer chat OUT --image photo.jpg
     llava-multilayer finetune --model OUT --data train.json --output-dir LORA      # needs `pip install peft`
+    llava-multilayer train --recipe pretrain|finetune|lora|qlora --model OUT --data train.json --output-dir RUN
     llava-multilayer merge-lora --adapter-dir LORA --output-dir MERGED
     llava-multilayer push OUT USER/REPO                      # upload a converted or merged directory
 
@@ -49,6 +50,13 @@ DEFERRED_COMMANDS: dict[str, tuple[str, str, str, str, str]] = {
         "add_finetune_arguments",
         "run_finetune",
         "LoRA / QLoRA finetuning with peft and the transformers Trainer.",
+        "pip install 'llava-multilayer[peft]'",
+    ),
+    "train": (
+        "llava_multilayer.commands.train",
+        "add_train_arguments",
+        "run_train",
+        "Train one stage of a paper's recipe (stage 1 alignment, stage 2 finetuning, LoRA, QLoRA).",
         "pip install 'llava-multilayer[peft]'",
     ),
     "merge-lora": (

@@ -1,0 +1,30 @@
+"""benchmarks/training.py runs end to end with CI-sized settings and writes valid results (the numbers themselves are
+not checked: tiny models on a shared machine say nothing; docs/training.md has measured ones)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_training_benchmark_quick(tmp_path):
+    output = tmp_path / "training.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "training.py"), "--quick", "--output", str(output)]
+    command += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--data-records", "4", "--fusion-types"]
+    command += ["concat", "I_M"]
+    result = subprocess.run(
+        command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(output.read_text())
+    assert payload["data_records_per_second"] > 0
+    assert [row["name"] for row in payload["rows"]] == ["llava (transformers)", "concat", "I_M"]
+    assert all(row["step_s"] > 0 and row["ratio"] > 0 for row in payload["rows"])
+    assert {target["name"] for target in payload["targets"]} == {
+        "training step ratio concat / llava",
+        "data time per batch / llava step time",
+    }
+    assert "| concat |" in result.stdout
