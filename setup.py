@@ -21,7 +21,7 @@ extras = {
     "peft": ["peft>=0.18.0,<1"],
     "quantization": ["bitsandbytes>=0.45"],
     "convert": ["sentencepiece>=0.2", "protobuf>=4"],
-    "train": ["peft>=0.17", "datasets>=3"],
+    "train": ["peft>=0.18.0,<1", "datasets>=3"],
 }
 extras["test"] = sorted(
     {*extras["peft"], *extras["quantization"], *extras["convert"], *extras["train"], "pytest>=8", "hypothesis>=6"}

@@ -27,6 +27,7 @@ import argparse
 
 from .errors import CommandError
 
+
 #: Flags that override a `Recipe` field (flag destination -> field), left out = the recipe's default.
 RECIPE_FLAGS = {
     "model_max_length": int,

@@ -25,6 +25,7 @@ from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMulti
 from llava_multilayer.commands.cli import main
 from llava_multilayer.conversion.conversion_utils import push_to_hub
 
+
 ROOT = Path(__file__).parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "training-lsf-E_D-clip-3-18-23"
 DATA = ["--image-folder", str(FIXTURE / "data" / "images"), "--model-max-length", "320", "--bf16", "False"]

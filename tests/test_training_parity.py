@@ -25,6 +25,7 @@ from llava_multilayer.conversion import convert_layer_select_fuse_to_hf, convert
 from llava_multilayer.training import IMAGE_PLACEHOLDER_ID, load_recipe
 from llava_multilayer.training.data import collapse_image_tokens
 
+
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 FIXTURES = {
     "training-mmfuser-clip": convert_mmfuser_to_hf.original_key_mapping,

@@ -15,6 +15,7 @@ from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMulti
 from llava_multilayer.training import RecipeTrainer, RecordError, load_recipe, train
 from llava_multilayer.training.sampler import modality_length_grouped_indices
 
+
 RECORDS = [
     {
         "id": "a",

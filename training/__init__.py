@@ -29,6 +29,7 @@ from .data import RecordError, SupervisedCollator, SupervisedDataset, load_recor
 from .recipes import FAMILIES, RECIPE_DEFAULTS, STAGES, Recipe, detect_family, load_recipe
 from .trainer import RecipeTrainer, merge_adapter, train
 
+
 __all__ = [
     "FAMILIES",
     "IGNORE_INDEX",

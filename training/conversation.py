@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"

@@ -32,6 +32,7 @@ import re
 
 from torch import nn
 
+
 #: LoRA targets of the original (`find_all_linear_names`, run before the projectors exist): every linear layer of the
 #: language model by leaf name, which includes the I_M cross-fusion projections.
 LORA_TARGET_MODULES = (

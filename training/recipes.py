@@ -39,8 +39,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
+
 from . import parameters, zero_image
 from .data import IterableSupervisedDataset, SupervisedCollator, SupervisedDataset
+
 
 FAMILIES = ("mmfuser", "layer_select_fuse", "igva")
 STAGES = ("pretrain", "finetune", "lora", "qlora")
@@ -301,8 +304,7 @@ class Recipe:
             "per_device_train_batch_size": self.per_device_train_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "bf16": self.bf16,
-            "activation_checkpointing": self.gradient_checkpointing,
-            "activation_checkpointing_kwargs": {"use_reentrant": False},
+            **checkpointing_training_arguments(self.gradient_checkpointing, {"use_reentrant": False}),
             "save_strategy": "steps",
             "save_steps": self.save_steps,
             "save_total_limit": self.save_total_limit,

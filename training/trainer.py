@@ -41,6 +41,7 @@ from .igva import add_aggregator
 from .recipes import Recipe, load_recipe
 from .sampler import ModalityLengthGroupedSampler
 
+
 NON_LORA_TRAINABLES_NAME = "non_lora_trainables.safetensors"
 RECIPE_FILE = "training_recipe.json"
 

@@ -18,8 +18,9 @@ image changes nothing (none of its features is spliced in), but in I_M every dec
 attends to the internal features of the row's image, so a text-only row attends to the zero image's features
 (with the causal rule of the original: query position `p` sees visual token `j <= p`), and the internal projectors
 get gradients from it. This model gives rows without image tokens no visual features, so [`set_enabled`] adds a
-forward pre-hook to the language model that fills those rows with the zero image's internal features (computed in
-the graph, once per forward). It acts only on forwards without a cache (training and scoring), not on generation.
+forward pre-hook to the language model that gives those rows the cross-attention keys/values of the zero image's
+internal features in its `internal_fusion_inputs` (computed in the graph, once per forward). It acts only on
+forwards without a cache (training and scoring), not on generation.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llava_multilayer.internal_fusion_llava_multilayer import InternalFusionInputs
+from llava_multilayer.compatibility_llava_multilayer import CACHE_ARGUMENT
+from llava_multilayer.internal_fusion_llava_multilayer import CrossAttentionInputs
 
 
 def zero_image_features(model: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -39,43 +41,55 @@ def zero_image_features(model: nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(feature[0] for feature in model.get_image_features(pixels).internal_image_features)
 
 
-def _fill_text_only_rows(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    if kwargs.get("past_key_values") is not None:
-        return
+def _pad_tokens(tensor: torch.Tensor, num_tokens: int, dim: int, value=0) -> torch.Tensor:
+    """Pads the token dimension `dim` of `tensor` with `value` to at least `num_tokens`."""
+    missing = num_tokens - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    padding = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [0, missing]
+    return nn.functional.pad(tensor, padding, value=value)
+
+
+def _fill_text_only_rows(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Gives the rows without image tokens the keys/values of the zero image's internal features, in the
+    `internal_fusion_inputs` the language model hands its decoder layers."""
+    if kwargs.get(CACHE_ARGUMENT) is not None:
+        return None
     layers = model.internal_fusion_layers
     inputs_embeds = kwargs.get("inputs_embeds")
     if not layers or inputs_embeds is None:
-        return
+        return None
     batch_size = inputs_embeds.shape[0]
-    current = [layer.fusion_inputs for layer in layers]
-    if current[0] is None:
-        text_only = torch.ones(batch_size, dtype=torch.bool, device=inputs_embeds.device)
+    current = kwargs.get("internal_fusion_inputs") or {}
+    if current:
+        text_only = ~next(iter(current.values())).feature_mask.any(-1)
     else:
-        text_only = ~current[0].feature_mask.any(-1)
+        text_only = torch.ones(batch_size, dtype=torch.bool, device=inputs_embeds.device)
     if not text_only.any():
-        return
+        return None
     zero = zero_image_features(model)
     layer_to_feature = model.config.internal_layer_to_feature
-    for layer, inputs in zip(layers, current):
+    filled = {}
+    for layer in layers:
         feature = zero[layer_to_feature[layer.layer_idx]].to(inputs_embeds.dtype)
         num_tokens = feature.shape[0]
+        zero_keys, zero_values = layer.cross_attn.key_values(feature[None].expand(batch_size, -1, -1))
+        inputs = current.get(layer.layer_idx)
         if inputs is None:
-            features = feature.new_zeros(batch_size, num_tokens, feature.shape[-1])
-            mask = torch.zeros(batch_size, num_tokens, dtype=torch.bool, device=feature.device)
+            keys, values = torch.zeros_like(zero_keys), torch.zeros_like(zero_values)
+            mask = torch.zeros(batch_size, num_tokens, dtype=torch.bool, device=zero_keys.device)
         else:
-            features, mask = inputs.features, inputs.feature_mask
-            if features.shape[1] < num_tokens:
-                pad = num_tokens - features.shape[1]
-                features = nn.functional.pad(features, (0, 0, 0, pad))
-                mask = nn.functional.pad(mask, (0, pad), value=False)
-        rows = text_only.to(features.device)
-        filled = torch.zeros_like(features)
-        filled[:, :num_tokens] = feature
-        features = torch.where(rows[:, None, None], filled, features)
+            keys, values = _pad_tokens(inputs.keys, num_tokens, 2), _pad_tokens(inputs.values, num_tokens, 2)
+            mask = _pad_tokens(inputs.feature_mask, num_tokens, 1, value=False)
+        rows = text_only.to(keys.device)
         row_mask = torch.zeros_like(mask)
         row_mask[:, :num_tokens] = True
-        mask = torch.where(rows[:, None], row_mask, mask)
-        layer.fusion_inputs = InternalFusionInputs(features, feature_mask=mask)
+        filled[layer.layer_idx] = CrossAttentionInputs(
+            torch.where(rows[:, None, None, None], _pad_tokens(zero_keys, keys.shape[2], 2), keys),
+            torch.where(rows[:, None, None, None], _pad_tokens(zero_values, values.shape[2], 2), values),
+            torch.where(rows[:, None], row_mask, mask),
+        )
+    return args, {**kwargs, "internal_fusion_inputs": filled}
 
 
 _HANDLE = "_zero_image_hook"
@@ -96,7 +110,7 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
     if handle is None:
 
         def hook(module, args, kwargs):
-            _fill_text_only_rows(base, args, kwargs)
+            return _fill_text_only_rows(base, args, kwargs)
 
         setattr(base, _HANDLE, base.language_model.register_forward_pre_hook(hook, with_kwargs=True))
 
