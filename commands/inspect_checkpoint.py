@@ -317,12 +317,10 @@ def describe_original(path: str | Path) -> dict:
     }
 
 
-def describe(path: str) -> dict:
-    """[`describe_converted`] or [`describe_original`], whichever `path` is."""
-    config_path = Path(path) / "config.json"
-    if config_path.is_file():
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-        return describe_converted(path) if model_type == "llava_multilayer" else describe_original(path)
+def check_path(path: str) -> None:
+    """Refuses a `path` that is neither a checkpoint directory nor a Hub repo id (cheap: reads no model)."""
+    if (Path(path) / "config.json").is_file():
+        return
     if Path(path).exists():
         raise CommandError.of(
             "PATH",
@@ -337,6 +335,15 @@ def describe(path: str) -> dict:
             f"{path}, which does not exist",
             "check the path, e.g. `llava-multilayer inspect CONVERTED_DIR`.",
         )
+
+
+def describe(path: str) -> dict:
+    """[`describe_converted`] or [`describe_original`], whichever `path` is."""
+    check_path(path)
+    config_path = Path(path) / "config.json"
+    if config_path.is_file():
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+        return describe_converted(path) if model_type == "llava_multilayer" else describe_original(path)
     return describe_converted(path)
 
 
@@ -468,6 +475,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    check_path(args.path)
     from llava_multilayer.conversion.conversion_utils import ConversionError
 
     from .convert import UnknownFamilyError
