@@ -118,7 +118,7 @@ def quantization_skip_modules(config: LlavaMultiLayerConfig) -> list[str]:
     """`llm_int8_skip_modules` for QLoRA: everything but the language model's own linear layers stays unquantized.
 
     Full names are needed: transformers matches a skip entry from the start of the module name or as a suffix, so a
-    bare `"multi_modal_projector"` would not match `model.multi_modal_projector.linear_1` (hf-conventions §D). The
+    bare `"multi_modal_projector"` would not match `model.multi_modal_projector.linear_1`. The
     list replaces transformers' default skips, so `lm_head` is listed too.
     """
     names = [
