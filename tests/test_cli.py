@@ -414,6 +414,7 @@ def test_load_in_4bit_quantizes_only_the_language_model():
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_demo_runs_offline_from_a_fresh_non_editable_install(tmp_path):
     """`pip install .` (not editable) ships demo_data/ and the card templates, and `llava-multilayer demo` works
     from that install with no network and an empty HF_HOME."""

@@ -17,6 +17,7 @@ import torch
 from converted_fixtures import FIXTURES_DIR, LocalHub, convert_argv, converted_dir
 from test_finetune import make_records, tiny_model
 
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MMFUSER = FIXTURES_DIR / "mmfuser-clip"
 
@@ -103,6 +104,7 @@ def test_convert_an_input_dir_that_does_not_exist(tmp_path):
     assert entries(tmp_path) == set()
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_convert_usage_errors_exit_2(tmp_path):
     assert_error(cli("convert", "--output-dir", tmp_path / "out"), 2, "--input-dir is required")
     result = cli("convert", "--input-dir", MMFUSER / "original", "--output-dir", tmp_path / "o", "--no-such-flag")
@@ -118,12 +120,14 @@ def test_convert_refuses_an_existing_output_dir_before_reading_anything(tmp_path
     assert entries(tmp_path) == {"out"} and entries(tmp_path / "out") == {"mine.txt"}
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_merge_lora_on_a_directory_that_is_no_adapter(tmp_path):
     result = cli("merge-lora", "--adapter-dir", converted_dir("mmfuser-clip"), "--output-dir", tmp_path / "merged")
     assert_error(result, 1, "--adapter-dir: expected a LoRA adapter directory", "is a full model directory")
     assert entries(tmp_path) == set()
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_finetune_with_a_wrong_image_folder_fails_before_training(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -138,6 +142,7 @@ def test_finetune_with_a_wrong_image_folder_fails_before_training(tmp_path):
     assert entries(tmp_path) == {"images", "data.json", "elsewhere"}  # no output directory, no parent of it
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_push_to_hub_offline_says_how_to_retry(tmp_path):
     output_dir = tmp_path / "mmfuser-hf"
     argv = convert_argv("mmfuser-clip", output_dir, parity=False) + ["--verify", "--push-to-hub", "me/tiny"]
@@ -191,6 +196,7 @@ def test_converted_directory_is_shareable(tmp_path):
     assert settings["vision_tower"] == "given with --vision-tower, a local copy of openai/clip-vit-large-patch14-336"
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_merged_directory_is_shareable_has_a_card_and_a_family(tmp_path, processor):
     from llava_multilayer.commands.finetune import finetune
 

@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_training_benchmark_quick(tmp_path):
     output = tmp_path / "training.json"
     command = [sys.executable, str(REPO / "benchmarks" / "training.py"), "--quick", "--output", str(output)]

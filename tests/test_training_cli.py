@@ -170,6 +170,7 @@ def first_losses(output_dir: Path) -> list[float]:
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
+@pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_two_process_ddp_losses_equal_a_single_process_with_the_same_global_batch(two_stage, tmp_path):
     common = ["train", "--recipe", "finetune", "--model", str(two_stage / "tiny-stage1"), "--data"]
     common += [str(FIXTURE / "data" / "records.json"), *DATA, "--use-cpu", "--max-steps", "2", "--save-steps", "2"]
