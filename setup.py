@@ -21,8 +21,9 @@ extras = {
     "peft": ["peft>=0.18.0,<1"],
     "quantization": ["bitsandbytes>=0.45"],
     "convert": ["sentencepiece>=0.2", "protobuf>=4"],
-    # The lmms-eval model plugin (llava_multilayer.evaluation); the version whose plugin API the adapter is written for.
-    "eval": ["lmms-eval>=0.7.3,<0.8"],
+    # The lmms-eval model plugin (llava_multilayer.evaluation), for the plugin API of lmms-eval 0.7; lmms-eval 0.7.3
+    # imports `filelock._api`, which filelock 4 removed.
+    "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
 }
 extras["test"] = sorted(
     {*extras["peft"], *extras["quantization"], *extras["convert"], "pytest>=8", "hypothesis>=6"}

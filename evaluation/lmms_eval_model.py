@@ -50,6 +50,8 @@ DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams",
 #: trained (LLaVA-1.5's padding to a square), so the key changes nothing.
 IGNORED_KEYS = ("image_aspect_ratio",)
 LOGLIKELIHOOD_MODES = ("logprob", "loss")
+#: Between the context and a `loglikelihood` task's target (lmms-eval's default `target_delimiter`).
+TARGET_DELIMITER = " "
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -257,7 +259,9 @@ class LlavaMultiLayerLmms(lmms):
         for context, continuation, doc_to_visual, doc_id, task, split in chunk:
             doc = self._doc(task, split, doc_id)
             if not isinstance(continuation, str):
-                continuation = continuation(doc)
+                # `loglikelihood` tasks pass their doc_to_target; lmms-eval's default target_delimiter joins it
+                # (`multiple_choice` requests carry the delimiter already).
+                continuation = TARGET_DELIMITER + str(continuation(doc))
             row = self._visuals(doc_to_visual, doc)
             prompt = self.prompt(context, len(row))
             contexts.append(context)
