@@ -274,8 +274,11 @@ class LlavaMultiLayerLmms(lmms):
         prompt = self.inputs(prompts, images, instructions)
         prompt_lengths = prompt["attention_mask"].sum(dim=1)
         continuation_lengths = full["attention_mask"].sum(dim=1) - prompt_lengths
+        # Positions count from each row's first real token, as `generate` counts them: left padding must not move
+        # them (I_M's cross-attention lets a text position see only the visual tokens up to it).
+        position_ids = (full["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            logits = self.model(**full).logits
+            logits = self.model(**full, position_ids=position_ids).logits
         results = []
         for row, length in enumerate(continuation_lengths.tolist()):
             if length <= 0:

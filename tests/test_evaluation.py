@@ -32,6 +32,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 
 
 MAX_NEW_TOKENS = 5
+#: The adapter's load settings; `_load` loads the reference model with the same ones.
+MODEL_ARGS = "device=cpu,dtype=float32"
 #: question, answer, image indices (the last document has two images); 0 and 1 share their image.
 ROWS = [
     ("What color is the square?", "red", [0]),
@@ -146,7 +148,7 @@ def _evaluate(command: list[str], batch_size: int, task_dir: Path, tmp_path: Pat
         "--tasks",
         "mllocal_generate,mllocal_loglikelihood",
         "--batch_size",
-        "2",
+        str(batch_size),
         "--output_path",
         str(output),
         "--log_samples",
@@ -187,13 +189,18 @@ def _direct_loglikelihood(model, processor, question, images, answer, instructio
     return total, bool((log_probs.argmax(-1) == targets).all())
 
 
+def _load(model_dir):
+    """The model as the adapter loads it with MODEL_ARGS (float32 on the CPU, default attention)."""
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu").eval()
+
+
 def _kw(instruction):
     return {"instructions": [instruction]} if instruction is not None else {}
 
 
 def _check(name: str, responses: dict, igva: bool):
     model_dir = converted_dir(name)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model = _load(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     images = _images()
     for doc_id, (question, answer, indices) in enumerate(ROWS):
@@ -225,20 +232,13 @@ def _check(name: str, responses: dict, igva: bool):
         assert not torch.allclose(weights[0], weights[1], atol=1e-4), weights
 
 
-I_M_LOGLIKELIHOOD = pytest.mark.xfail(
-    strict=True,
-    reason="open: the adapter's I_M log-likelihood is 2.2e-3 from the direct one (doc 0, batch 1 or 2), while its "
-    "greedy answers match and E_D/IGVA agree to 1e-4; not yet explained",
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    ["lsf-E_D-clip-3-18-23", pytest.param("lsf-I_M-clip-3-18-23", marks=I_M_LOGLIKELIHOOD), "igva-clip"],
+    ["lsf-E_D-clip-3-18-23", "lsf-I_M-clip-3-18-23", "igva-clip"],
 )
 def test_lmms_eval_matches_the_model(name, task_dir, tmp_path):
     lmms_eval = Path(sys.executable).parent / "lmms-eval"
-    model_args = f"pretrained={converted_dir(name)},device=cpu,dtype=float32"
+    model_args = f"pretrained={converted_dir(name)},{MODEL_ARGS}"
     command = [
         str(lmms_eval),
         "--model",
@@ -249,3 +249,25 @@ def test_lmms_eval_matches_the_model(name, task_dir, tmp_path):
         str(task_dir),
     ]
     _check(name, _evaluate(command, 2, task_dir, tmp_path), igva=name.startswith("igva"))
+
+
+@pytest.mark.parametrize("name", ["lsf-I_M-clip-3-18-23", "igva-clip"])
+def test_loglikelihood_does_not_depend_on_padding(name):
+    """A document scores the same alone and left-padded in a batch: the positions count from its first token (I_M's
+    cross-attention lets each text position see only the visual tokens up to it)."""
+    from llava_multilayer.evaluation.lmms_eval_model import LlavaMultiLayerLmms
+
+    adapter = LlavaMultiLayerLmms(pretrained=str(converted_dir(name)), device="cpu", dtype="float32")
+    images = _images()
+    docs = [{"images": [images[i] for i in indices]} for _, _, indices in ROWS]
+    adapter._doc = lambda task, split, doc_id: docs[doc_id]
+    requests = [
+        (question, f" {answer}", lambda doc: doc["images"], doc_id, "mllocal_loglikelihood", "test")
+        for doc_id, (question, answer, _) in enumerate(ROWS[:2])
+    ]
+    lengths = [len(adapter.tokenizer(question)["input_ids"]) for question, _, _ in ROWS[:2]]
+    assert lengths[0] != lengths[1], "the batch must pad one of its rows"
+    alone = [adapter._loglikelihood_batch([request])[0] for request in requests]
+    batched = adapter._loglikelihood_batch(requests)
+    for (alone_value, alone_greedy), (batched_value, batched_greedy) in zip(alone, batched):
+        assert abs(alone_value - batched_value) <= 1e-5 and alone_greedy == batched_greedy, (alone, batched)
