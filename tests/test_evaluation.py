@@ -141,20 +141,14 @@ def _environment(tmp_path: Path) -> dict:
     }
 
 
-def _evaluate(command: list[str], batch_size: int, task_dir: Path, tmp_path: Path) -> dict[str, dict[int, list]]:
-    """Runs the evaluation command; returns task -> doc id -> the raw responses lmms-eval logged."""
-    output = tmp_path / "results"
-    arguments = [
-        "--tasks",
-        "mllocal_generate,mllocal_loglikelihood",
-        "--batch_size",
-        str(batch_size),
-        "--output_path",
-        str(output),
-        "--log_samples",
-    ]
+TASKS = "mllocal_generate,mllocal_loglikelihood"
+
+
+def _evaluate(command: list[str], output: Path, tmp_path: Path) -> dict[str, dict[int, list]]:
+    """Runs the evaluation command (which writes its results and samples under `output`); returns task -> doc id ->
+    the raw responses lmms-eval logged."""
     result = subprocess.run(
-        command + arguments, env=_environment(tmp_path), capture_output=True, text=True, timeout=900, cwd=tmp_path
+        command, env=_environment(tmp_path), capture_output=True, text=True, timeout=900, cwd=tmp_path
     )
     # lmms-eval 0.7.3 exits with status 0 after an error too: the result files are the proof that it ran.
     log = f"{command} (status {result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -237,18 +231,34 @@ def _check(name: str, responses: dict, igva: bool):
     ["lsf-E_D-clip-3-18-23", "lsf-I_M-clip-3-18-23", "igva-clip"],
 )
 def test_lmms_eval_matches_the_model(name, task_dir, tmp_path):
-    lmms_eval = Path(sys.executable).parent / "lmms-eval"
-    model_args = f"pretrained={converted_dir(name)},{MODEL_ARGS}"
+    output = tmp_path / "results"
     command = [
-        str(lmms_eval),
+        str(Path(sys.executable).parent / "lmms-eval"),
         "--model",
         "llava_multilayer",
         "--model_args",
-        model_args,
+        f"pretrained={converted_dir(name)},{MODEL_ARGS}",
         "--include_path",
         str(task_dir),
+        "--tasks",
+        TASKS,
+        "--batch_size",
+        "2",  # pads the shorter document of each batch on the left
+        "--output_path",
+        str(output),
+        "--log_samples",
     ]
-    _check(name, _evaluate(command, 2, task_dir, tmp_path), igva=name.startswith("igva"))
+    _check(name, _evaluate(command, output, tmp_path), igva=name.startswith("igva"))
+
+
+def test_evaluate_command_runs_lmms_eval(task_dir, tmp_path):
+    """`llava-multilayer evaluate` forwards to lmms-eval with the adapter and the checkpoint."""
+    name = "lsf-I_M-clip-3-18-23"
+    output = tmp_path / "results"
+    command = [str(Path(sys.executable).parent / "llava-multilayer"), "evaluate", str(converted_dir(name))]
+    command += ["--tasks", TASKS, "--batch-size", "2", "--output-path", str(output), "--model-args", MODEL_ARGS]
+    command += ["--log-samples", "--include-path", str(task_dir)]
+    _check(name, _evaluate(command, output, tmp_path), igva=False)
 
 
 @pytest.mark.parametrize("name", ["lsf-I_M-clip-3-18-23", "igva-clip"])
@@ -271,3 +281,12 @@ def test_loglikelihood_does_not_depend_on_padding(name):
     batched = adapter._loglikelihood_batch(requests)
     for (alone_value, alone_greedy), (batched_value, batched_greedy) in zip(alone, batched):
         assert abs(alone_value - batched_value) <= 1e-5 and alone_greedy == batched_greedy, (alone, batched)
+
+
+def test_evaluate_command_fails_when_lmms_eval_writes_no_results(tmp_path):
+    """lmms-eval 0.7.3 exits with status 0 after an error; `evaluate` exits with 1 and says so."""
+    command = [str(Path(sys.executable).parent / "llava-multilayer"), "evaluate", str(converted_dir("igva-clip"))]
+    command += ["--tasks", "mllocal_no_such_task", "--output-path", str(tmp_path / "results")]
+    result = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "llava-multilayer evaluate: error: evaluate: expected lmms-eval to write a *_results.json" in result.stderr
