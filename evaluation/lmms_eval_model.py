@@ -21,8 +21,9 @@ and `loglikelihood` (`logprob`: the summed log-probability of the continuation, 
 
 Every prompt is wrapped in the checkpoint's chat template (`processor.apply_chat_template`, the `vicuna_v1` format of
 the originals), with one `<image>` per visual of the document before the text unless the text places them itself.
-Batches are padded on the left. Under `accelerate launch` every process loads the model on its own GPU and lmms-eval
-gives each process its share of the documents, as with lmms-eval's `llava_hf`.
+Batches are padded on the left, with positions counted from each row's first token (as `generate` counts them), so a
+document scores the same alone or in a batch. Under `accelerate launch` every process loads the model on its own GPU
+and lmms-eval gives each process its share of the documents, as with lmms-eval's `llava_hf`.
 """
 
 from __future__ import annotations
