@@ -22,11 +22,14 @@ extras = {
     "quantization": ["bitsandbytes>=0.45"],
     "convert": ["sentencepiece>=0.2", "protobuf>=4"],
     "train": ["peft>=0.18.0,<1", "datasets>=3"],
+    # The lmms-eval model plugin (llava_multilayer.evaluation), for the plugin API of lmms-eval 0.7; lmms-eval 0.7.3
+    # imports `filelock._api`, which filelock 4 removed.
+    "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
 }
 extras["test"] = sorted(
     {*extras["peft"], *extras["quantization"], *extras["convert"], *extras["train"], "pytest>=8", "hypothesis>=6"}
 )
-extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
+extras["all"] = sorted({dep for name, deps in extras.items() if name != "eval" for dep in deps})
 
 # Read by tests/test_supported_versions.py (as literals, without running this file).
 install_requires = [
@@ -56,6 +59,7 @@ setup(
         "llava_multilayer.commands",
         "llava_multilayer.model_cards",
         "llava_multilayer.training",
+        "llava_multilayer.evaluation",
     ],
     package_dir={
         "llava_multilayer": "modeling",
@@ -64,6 +68,7 @@ setup(
         "llava_multilayer.commands": "commands",
         "llava_multilayer.model_cards": "model_cards",
         "llava_multilayer.training": "training",
+        "llava_multilayer.evaluation": "evaluation",
     },
     package_data={
         "llava_multilayer.model_cards": ["*.md"],
@@ -71,7 +76,11 @@ setup(
     },
     install_requires=install_requires,
     extras_require=extras,
-    entry_points={"console_scripts": ["llava-multilayer=llava_multilayer.commands.cli:main"]},
+    entry_points={
+        "console_scripts": ["llava-multilayer=llava_multilayer.commands.cli:main"],
+        # lmms-eval (>= 0.7) loads third-party models from this group: `lmms-eval --model llava_multilayer`.
+        "lmms_eval.models": ["llava_multilayer=llava_multilayer.evaluation:model_manifest"],
+    },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",

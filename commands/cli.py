@@ -22,6 +22,7 @@
     llava-multilayer train --recipe pretrain|finetune|lora|qlora --model OUT --data train.json --output-dir RUN
     llava-multilayer merge-lora --adapter-dir LORA --output-dir MERGED
     llava-multilayer push OUT USER/REPO                      # upload a converted or merged directory
+    llava-multilayer evaluate OUT --tasks pope,mme           # lmms-eval scores (needs the [eval] extra)
 
 `llava-multilayer COMMAND --help` describes each command. Heavy modules (torch, transformers, peft) are imported
 only by the command that needs them. Mistakes are reported in one paragraph (exit status 2 for a usage error, 1
@@ -65,6 +66,13 @@ DEFERRED_COMMANDS: dict[str, tuple[str, str, str, str, str]] = {
         "run_merge",
         "Merge a finetuned LoRA adapter into a full checkpoint.",
         "pip install 'llava-multilayer[peft]'",
+    ),
+    "evaluate": (
+        "llava_multilayer.commands.evaluate",
+        "add_evaluate_arguments",
+        "run_evaluate",
+        "Score a converted checkpoint on lmms-eval benchmarks (docs/evaluation.md).",
+        "pip install 'llava-multilayer[eval]'",
     ),
 }
 

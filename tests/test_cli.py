@@ -422,7 +422,7 @@ def test_demo_runs_offline_from_a_fresh_non_editable_install(tmp_path):
     source.mkdir()
     for path in ("setup.py", "README.md"):
         shutil.copy(REPO_ROOT / path, source / path)
-    for directory in ("modeling", "configuration", "conversion_scripts", "commands", "model_cards", "training"):
+    for directory in ("modeling", "configuration", "conversion_scripts", "commands", "model_cards", "training", "evaluation"):
         shutil.copytree(REPO_ROOT / directory, source / directory, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
@@ -510,3 +510,15 @@ def test_deferred_command_reports_what_to_install(monkeypatch, capsys):
     status, _, err = run_cli(["finetune", "--help"], capsys)
     assert status == 1
     assert "peft" in err and "pip install 'llava-multilayer[peft]'" in err
+
+
+def test_evaluate_without_lmms_eval_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "lmms_eval" else real_find_spec(name, *args)
+    )
+    status, _, err = run_cli(["evaluate", str(converted_dir("lsf-E_D-clip-3-18-23")), "--tasks", "pope"], capsys)
+    assert status == 1
+    assert "lmms-eval" in err and 'pip install "llava-multilayer[eval]"' in err
