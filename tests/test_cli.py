@@ -422,7 +422,10 @@ def test_demo_runs_offline_from_a_fresh_non_editable_install(tmp_path):
     source.mkdir()
     for path in ("setup.py", "README.md"):
         shutil.copy(REPO_ROOT / path, source / path)
-    for directory in ("modeling", "configuration", "conversion_scripts", "commands", "model_cards", "training", "evaluation"):
+    package_dirs = (
+        "modeling", "configuration", "conversion_scripts", "commands", "model_cards", "training", "evaluation"
+    )
+    for directory in package_dirs:
         shutil.copytree(REPO_ROOT / directory, source / directory, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
