@@ -290,3 +290,24 @@ def test_evaluate_command_fails_when_lmms_eval_writes_no_results(tmp_path):
     result = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-4000:]
     assert "llava-multilayer evaluate: error: evaluate: expected lmms-eval to write a *_results.json" in result.stderr
+
+
+def test_data_parallel_under_accelerate_launch(task_dir, tmp_path):
+    """Two CPU processes (`accelerate launch --cpu`, gloo) split the documents and give the single-process results."""
+    name = "lsf-E_D-clip-3-18-23"
+    output = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        "-m", "lmms_eval",
+        "--model", "llava_multilayer",
+        "--model_args", f"pretrained={converted_dir(name)},{MODEL_ARGS}",
+        "--include_path", str(task_dir),
+        "--tasks", TASKS,
+        "--batch_size", "1",
+        "--output_path", str(output),
+        "--log_samples",
+    ]
+    responses = _evaluate(command, output, tmp_path)
+    assert all(len(responses[task]) == len(ROWS) for task in responses), "the two ranks' documents were not gathered"
+    _check(name, responses, igva=False)
