@@ -35,6 +35,26 @@ FIXTURE_FAMILIES = {
 LOGITS_ATOL = 1e-4
 IMAGE_FEATURES_ATOL = 1e-5
 
+
+#: Python source that child processes of the remote-code tests run first: it makes `llava_multilayer` unimportable
+#: however it is installed (editable finder, .pth file, site-packages), so that only remote code can serve the model.
+HIDE_PACKAGE_SOURCE = """
+import importlib.abc
+import sys
+
+
+class HidePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "llava_multilayer" or name.startswith("llava_multilayer."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
+        return None
+
+
+sys.meta_path[:] = [HidePackage()] + [
+    finder for finder in sys.meta_path if "llava_multilayer" not in getattr(finder, "__module__", "")
+]
+"""
+
 _converted: dict[str, Path] = {}
 _conversion_logs: dict[str, str] = {}
 _root: Path | None = None

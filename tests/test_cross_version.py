@@ -13,9 +13,10 @@ import textwrap
 import pytest
 import torch
 import transformers
-from converted_fixtures import FIXTURES_DIR, LOGITS_ATOL, converted_dir
+from converted_fixtures import FIXTURES_DIR, HIDE_PACKAGE_SOURCE, LOGITS_ATOL, converted_dir
 from PIL import Image
 from safetensors.torch import load_file
+
 
 OTHER_PYTHON = os.environ.get("LLAVA_MULTILAYER_OTHER_PYTHON")
 #: One fixture per family and fusion kind: deformable fuser, internal cross-attention, instruction-guided, SigLIP.
@@ -28,23 +29,10 @@ pytestmark = pytest.mark.skipif(
     "python (.ci/run does)",
 )
 
-CHILD_SCRIPT = textwrap.dedent(
+CHILD_SCRIPT = HIDE_PACKAGE_SOURCE + textwrap.dedent(
     '''
-    import importlib.abc
     import json
-    import sys
 
-
-    class HidePackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "llava_multilayer" or name.startswith("llava_multilayer."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
-            return None
-
-
-    sys.meta_path[:] = [HidePackage()] + [
-        finder for finder in sys.meta_path if "llava_multilayer" not in getattr(finder, "__module__", "")
-    ]
     import torch
     import transformers
     from PIL import Image

@@ -19,7 +19,15 @@ import llava_multilayer
 import pytest
 import torch
 import yaml
-from converted_fixtures import FIXTURE_FAMILIES, FIXTURES_DIR, LOGITS_ATOL, LocalHub, convert_argv, converted_dir
+from converted_fixtures import (
+    FIXTURE_FAMILIES,
+    FIXTURES_DIR,
+    HIDE_PACKAGE_SOURCE,
+    LOGITS_ATOL,
+    LocalHub,
+    convert_argv,
+    converted_dir,
+)
 from huggingface_hub import ModelCard
 from llava_multilayer.commands.cli import main
 from llava_multilayer.conversion.conversion_utils import push_to_hub
@@ -236,24 +244,10 @@ def test_pipeline_passes_the_igva_instruction():
 # Remote code, without the package
 # --------------------------------------------------------------------------------------------------------------
 
-CHILD_SCRIPT = textwrap.dedent(
+CHILD_SCRIPT = HIDE_PACKAGE_SOURCE + textwrap.dedent(
     '''
     """Loads converted directories with trust_remote_code=True; `llava_multilayer` is hidden."""
-    import importlib.abc
     import json
-    import sys
-
-
-    class HidePackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "llava_multilayer" or name.startswith("llava_multilayer."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
-            return None
-
-
-    sys.meta_path[:] = [HidePackage()] + [
-        finder for finder in sys.meta_path if "llava_multilayer" not in getattr(finder, "__module__", "")
-    ]
     try:
         import llava_multilayer  # noqa: F401
         sys.exit("llava_multilayer is importable in the clean environment")

@@ -23,32 +23,19 @@ from conftest import (
     random_image,
     vicuna_prompt,
 )
+from converted_fixtures import HIDE_PACKAGE_SOURCE
 from safetensors.torch import load_file, save_file
+
 
 PROMPTS = [vicuna_prompt("What is shown in this image?"), vicuna_prompt("Describe the two colours, please.")]
 NEW_TOKENS = 4
 
-CHILD_SCRIPT = textwrap.dedent(
+CHILD_SCRIPT = HIDE_PACKAGE_SOURCE + textwrap.dedent(
     '''
     """Loads each saved directory as remote code; `llava_multilayer` must not be importable here."""
-    import importlib.abc
     import json
-    import sys
     from pathlib import Path
 
-
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        """Makes `llava_multilayer` unimportable, however it is installed (editable finder, .pth, site-packages)."""
-
-        def find_spec(self, name, path=None, target=None):
-            if name == "llava_multilayer" or name.startswith("llava_multilayer."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden for the remote-code test)", name=name)
-            return None
-
-
-    sys.meta_path[:] = [BlockPackage()] + [
-        finder for finder in sys.meta_path if "llava_multilayer" not in getattr(finder, "__module__", "")
-    ]
     report = {"sys_path": sys.path}
     try:
         import llava_multilayer  # noqa: F401
