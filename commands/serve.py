@@ -164,7 +164,8 @@ def run_serve(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args)
     chat_engine = ChatEngine(model, processor, served_name, default_max_tokens=args.max_tokens)
     if args.ui:
-        return launch_web_demo(chat_engine, host=args.host, port=7860 if args.port is None else args.port)
+        launch_web_demo(chat_engine, host=args.host, port=7860 if args.port is None else args.port)
+        return 0
 
     from .openai_server import OpenAIChatServer
 
