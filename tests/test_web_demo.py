@@ -22,6 +22,9 @@ from converted_fixtures import FIXTURES_DIR, converted_dir
 from PIL import Image
 
 
+#: Set by .ci/serve, which installs the browser: a missing browser or driver then fails the test (no silent skip).
+REQUIRE_BROWSER = os.environ.get("LLAVA_MULTILAYER_REQUIRE_BROWSER") == "1"
+
 gradio = pytest.importorskip("gradio", reason="the web demo needs gradio: pip install 'llava-multilayer[serve]'")
 
 from llava_multilayer.commands.chat_engine import ChatEngine  # noqa: E402
@@ -112,9 +115,16 @@ def _bot_texts(driver) -> list[str]:
 
 
 def test_browser_chat_answers_like_generate(engine, tmp_path):
-    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium (pip install selenium)")
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).is_file()]
+    if missing:
+        reason = f"needs Debian's chromium and chromium-driver (missing: {', '.join(missing)}): "
+        reason += "apt-get install chromium chromium-driver"
+        (pytest.fail if REQUIRE_BROWSER else pytest.skip)(reason)
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        reason = "the browser test drives Chromium with selenium (pip install selenium)"
+        (pytest.fail if REQUIRE_BROWSER else pytest.skip)(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
