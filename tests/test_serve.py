@@ -413,3 +413,13 @@ def test_serve_command_answers_over_loopback():
     finally:
         child.terminate()
         child.wait(timeout=30)
+
+
+def test_serve_is_listed_and_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "--engine {auto,vllm,transformers}" in text and "--ui" in text
