@@ -96,7 +96,13 @@ def check_vllm_supports(model: str, config: dict) -> None:
 
 def vllm_command(args: argparse.Namespace, served_name: str) -> list[str]:
     """The `vllm serve` command line that serves `args.model` through vLLM's transformers backend."""
-    command = [shutil.which("vllm") or "vllm", "serve", args.model, "--trust-remote-code"]
+    executable = shutil.which("vllm")
+    if executable is None:
+        raise CommandError.of(
+            "--engine vllm", "vLLM's `vllm` command on PATH", "an importable `vllm` module without it",
+            "reinstall vLLM in this environment, or pass `--engine transformers`.",
+        )  # fmt: skip
+    command = [executable, "serve", args.model, "--trust-remote-code"]
     command += ["--model-impl", "transformers", "--served-model-name", served_name]
     command += ["--host", args.host, "--port", str(8000 if args.port is None else args.port)]
     if args.dtype != "auto":

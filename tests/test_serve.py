@@ -352,11 +352,15 @@ def test_vllm_engine_refuses_internal_fusion(name):
         serve.check_vllm_supports(directory, serve.checkpoint_config(directory))
 
 
-def test_vllm_command_uses_the_transformers_backend():
+def test_vllm_command_uses_the_transformers_backend(monkeypatch):
     directory = str(converted_dir("mmfuser-clip"))
+    monkeypatch.setattr(serve.shutil, "which", lambda name: None)
+    with pytest.raises(CommandError, match="`vllm` command on PATH"):
+        serve.vllm_command(serve_args(directory), "tiny")
+    monkeypatch.setattr(serve.shutil, "which", lambda name: f"/opt/bin/{name}")
     serve.check_vllm_supports(directory, serve.checkpoint_config(directory))  # external fusion: accepted
     command = serve.vllm_command(serve_args(directory, port=9000, dtype="bfloat16"), "tiny")
-    assert command[1:4] == ["serve", directory, "--trust-remote-code"]
+    assert command[:4] == ["/opt/bin/vllm", "serve", directory, "--trust-remote-code"]
     text = " ".join(command)
     assert "--model-impl transformers" in text and "--port 9000" in text and "--dtype bfloat16" in text
     assert "--served-model-name tiny" in text
