@@ -211,9 +211,8 @@ def test_multi_turn_and_text_only_requests_answer_like_generate(served):
     assert body["choices"][0]["message"]["content"] == served.generate(text_only, [])[1]
 
 
+@pytest.mark.parametrize("served", ["igva-clip"], indirect=True)
 def test_igva_instruction_is_the_last_user_message(served):
-    if served.name != "igva-clip":
-        pytest.skip("only IGVA models weight their layers by an instruction")
     prepared = served.engine.prepare(image_request(served)["messages"])
     assert prepared.instruction == fixture_question(served.name)
     image_part = image_request(served)["messages"][0]["content"][0]
