@@ -25,11 +25,14 @@ extras = {
     # The lmms-eval model plugin (llava_multilayer.evaluation), for the plugin API of lmms-eval 0.7; lmms-eval 0.7.3
     # imports `filelock._api`, which filelock 4 removed.
     "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
+    # The web chat demo of `llava-multilayer serve --ui` (the HTTP server itself needs only the standard library).
+    # gradio 6 caps pillow below 13, so it is kept out of "all"; CI tests it in its own environment.
+    "serve": ["gradio>=6,<7"],
 }
 extras["test"] = sorted(
     {*extras["peft"], *extras["quantization"], *extras["convert"], *extras["train"], "pytest>=8", "hypothesis>=6"}
 )
-extras["all"] = sorted({dep for name, deps in extras.items() if name != "eval" for dep in deps})
+extras["all"] = sorted({dep for name, deps in extras.items() if name not in ("eval", "serve") for dep in deps})
 
 # Read by tests/test_supported_versions.py (as literals, without running this file).
 install_requires = [

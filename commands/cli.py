@@ -23,6 +23,7 @@
     llava-multilayer merge-lora --adapter-dir LORA --output-dir MERGED
     llava-multilayer push OUT USER/REPO                      # upload a converted or merged directory
     llava-multilayer evaluate OUT --tasks pope,mme           # lmms-eval scores (needs the [eval] extra)
+    llava-multilayer serve OUT [--ui]                        # OpenAI-compatible endpoint, or a web chat demo
 
 `llava-multilayer COMMAND --help` describes each command. Heavy modules (torch, transformers, peft) are imported
 only by the command that needs them. Mistakes are reported in one paragraph (exit status 2 for a usage error, 1
@@ -91,7 +92,7 @@ def _run_deferred(name: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, generate, inspect_checkpoint, push
+    from . import demo, generate, inspect_checkpoint, push, serve
 
     parser = argparse.ArgumentParser(
         prog="llava-multilayer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, _, help_text, _) in DEFERRED_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
     add("push", "Upload a converted or merged directory to the Hub.", push.add_push_arguments, push.run_push)
+    add(
+        "serve",
+        "Serve an OpenAI-compatible chat-completions endpoint (vLLM or transformers), or a web chat demo (--ui).",
+        serve.add_serve_arguments,
+        serve.run_serve,
+        serve.__doc__,
+    )
     return parser
 
 
