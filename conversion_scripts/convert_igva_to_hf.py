@@ -463,33 +463,12 @@ def convert_igva(
     output_dir: str | Path,
     vision_tower: str | None = None,
     sentence_encoder: str | None = None,
-    pretrain_dir: str | Path | None = None,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    parity_fixture: str | Path | None = None,
-    max_shard_size: int | None = None,
-    progress: bool = True,
+    **kwargs,
 ) -> ConversionReport:
-    """Converts an IGVA checkpoint; see the module docstring and [`convert_original`] for the arguments.
-
-    Args:
-        sentence_encoder: sentence-transformers directory or hub id (default: the config's `sentence_embedder`).
-    """
-    return convert_original(
-        SPEC,
-        input_dir,
-        output_dir,
-        vision_tower=vision_tower,
-        pretrain_dir=pretrain_dir,
-        dtype=dtype,
-        overwrite=overwrite,
-        verify=verify,
-        parity_fixture=parity_fixture,
-        max_shard_size=max_shard_size,
-        progress=progress,
-        sentence_encoder=sentence_encoder,
-    )
+    """Converts an IGVA checkpoint (see the module docstring); `sentence_encoder` is a sentence-transformers
+    directory or hub id (default: the config's `sentence_embedder`), `kwargs` are those of [`convert_original`]
+    (`pretrain_dir`: config.json + mm_projector.bin, `dtype`, `verify`, `parity_fixture`, ...)."""
+    return convert_original(SPEC, input_dir, output_dir, vision_tower, sentence_encoder=sentence_encoder, **kwargs)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

@@ -610,32 +610,12 @@ add_arguments = SPEC.add_arguments
 
 
 def convert_layer_select_fuse(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    vision_tower: str | None = None,
-    dtype: str | None = None,
-    pretrain_dir: str | Path | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    parity_fixture: str | Path | None = None,
-    max_shard_size: int | None = None,
-    progress: bool = True,
+    input_dir: str | Path, output_dir: str | Path, vision_tower: str | None = None, **kwargs
 ) -> ConversionReport:
-    """Converts a Layer_Select_Fuse checkpoint; see the module docstring and [`convert_original`] for the
-    arguments (`pretrain_dir`: `mm_projector_f.bin`, `mm_projector_{k}.bin`, `ucross.bin`, config.json)."""
-    return convert_original(
-        SPEC,
-        input_dir,
-        output_dir,
-        vision_tower=vision_tower,
-        pretrain_dir=pretrain_dir,
-        dtype=dtype,
-        overwrite=overwrite,
-        verify=verify,
-        parity_fixture=parity_fixture,
-        max_shard_size=max_shard_size,
-        progress=progress,
-    )
+    """Converts a Layer_Select_Fuse checkpoint (see the module docstring); `kwargs` are those of
+    [`convert_original`] (`pretrain_dir`: `mm_projector_f.bin`, `mm_projector_{k}.bin`, `ucross.bin`, config.json;
+    `dtype`, `verify`, `parity_fixture`, ...)."""
+    return convert_original(SPEC, input_dir, output_dir, vision_tower, **kwargs)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

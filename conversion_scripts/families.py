@@ -102,7 +102,8 @@ def detect_family(original_config: dict, source: str = "config.json") -> str:
             f"choose one. Config: {_describe_config(original_config)}."
         )
     near = near_matches(original_config, modules)
-    almost = f" {'; '.join(near).capitalize()}." if near else ""
+    almost = "; ".join(near)
+    almost = f" {almost[:1].upper()}{almost[1:]}." if near else ""
     missing = f" Not checked (converter missing): {'; '.join(unavailable.values())}." if unavailable else ""
     raise UnknownFamilyError(
         f"{source} is not a checkpoint of a known family: the `detect` functions of "

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration
+from llava_multilayer.conversion import model_card
 from llava_multilayer.conversion.components import num_image_tokens
 from llava_multilayer.conversion.convert_igva_to_hf import convert_igva
 from llava_multilayer.conversion.convert_layer_select_fuse_to_hf import convert_layer_select_fuse
@@ -130,7 +131,7 @@ def test_every_family_refuses_a_stored_copy_of_another_architecture(name, tmp_pa
     source = copy_original(name, tmp_path / "original")
     state = load_file(source / "model.safetensors")
     key = EMBEDDED_TOWER_PREFIX + "embeddings.patch_embedding.weight"
-    state[key] = state[key][..., :-1]
+    state[key] = state[key][..., :-1].contiguous()
     save_file(state, source / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConversionError, match=r"does not match the tower .*patch_embedding\.weight of shape"):
         CONVERTERS[name](source, tmp_path / "out", str(FIXTURES / name / "vision_tower"))
@@ -197,7 +198,10 @@ def make_toy_checkpoint(directory: Path) -> Path:
     return source
 
 
-def test_a_toy_family_spec_converts_a_toy_checkpoint(tmp_path):
+def test_a_toy_family_spec_converts_a_toy_checkpoint(tmp_path, monkeypatch):
+    # A family also writes its model card template, model_cards/<name>.md; the toy one borrows an existing one.
+    template = model_card._template
+    monkeypatch.setattr(model_card, "_template", lambda family: template("layer_select_fuse"))
     source = make_toy_checkpoint(tmp_path / "toy")
     tower = str(FIXTURES / "lsf-E_D-clip-3-18-23" / "vision_tower")
     report = convert_original(TOY, source, tmp_path / "out", vision_tower=tower, verify=True, progress=False)
