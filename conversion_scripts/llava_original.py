@@ -128,12 +128,13 @@ def with_tied_head(mapping: KeyMapping, config: LlavaMultiLayerConfig) -> KeyMap
     return lambda key: tied(key) or mapping(key)
 
 
-def read_tensors(reader, keys) -> dict[str, torch.Tensor]:
-    """The tensors `keys` of `reader`, reading each `.bin` shard at most once."""
-    keys = set(keys)
+def tensor_reader(reader, keys) -> Callable[[str], torch.Tensor]:
+    """`get(key)` for the tensors `keys` of `reader`: memory-mapped one at a time from safetensors, each `.bin`
+    shard read once."""
     if reader.format == "safetensors":
-        return {key: reader.get_tensor(key) for key in keys}
-    return {key: tensor for key, tensor in reader.iter_tensors(progress=False) if key in keys}
+        return reader.get_tensor
+    keys = set(keys)
+    return {key: tensor for key, tensor in reader.iter_tensors(progress=False) if key in keys}.__getitem__
 
 
 def check_embedded_tower(
@@ -154,15 +155,15 @@ def check_embedded_tower(
         return
     named = {target: key for key in tower.keys() if isinstance(target := tower_mapping(key), str)}
     layer_ids = {int(match[1]) for target in embedded.values() if (match := re.search(r"\.layers\.(\d+)\.", target))}
-    stored = read_tensors(checkpoint, embedded)
-    reference = read_tensors(tower, [named[target] for target in embedded.values() if target in named])
+    stored = tensor_reader(checkpoint, embedded)
+    reference = tensor_reader(tower, [named[target] for target in embedded.values() if target in named])
     problems = [f"{len(layer_ids)} encoder layers instead of {num_layers}"] if len(layer_ids) != num_layers else []
     differing = []
     for key, target in sorted(embedded.items()):
         if target not in named:
             problems.append(f"{key[len(EMBEDDED_TOWER_PREFIX) :]}, which the named tower lacks")
             continue
-        copy, original = stored[key], reference[named[target]]
+        copy, original = stored(key), reference(named[target])
         if copy.shape != original.shape:
             name = key[len(EMBEDDED_TOWER_PREFIX) :]
             problems.append(f"{name} of shape {tuple(copy.shape)} instead of {tuple(original.shape)}")
@@ -404,7 +405,7 @@ def resolve_stage(family: OriginalFamily, input_dir, pretrain_dir) -> Stage:
         if not pretrain_dir.is_dir():
             raise ConversionError(f"--pretrain-dir {pretrain_dir} is not a directory.")
         base_config = load_original_config(input_dir)
-        if family.detection.evidence(base_config) is not None:
+        if family.detection.matches(base_config):
             raise ConversionError(
                 f"With --pretrain-dir, --input-dir must be the base language model (plain LLaMA weights and "
                 f"tokenizer), but {input_dir} is {family.title} checkpoint."
