@@ -46,7 +46,7 @@ import _common
 import end_to_end
 
 from llava_multilayer import LlavaMultiLayerProcessor
-from llava_multilayer.conversion.conversion_utils import load_tokenizer_with_image_token
+from llava_multilayer.conversion.components import load_tokenizer_with_image_token
 from llava_multilayer.training import load_recipe
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "commands" / "demo_data" / "original"
