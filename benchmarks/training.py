@@ -172,6 +172,19 @@ def step(model, batch, device: torch.device) -> tuple[float, float]:
     return time.process_time() - cpu_start, time.perf_counter() - wall_start
 
 
+def step_flops(model, batch) -> int:
+    """FLOPs of one training step (forward with labels + backward) as `torch.utils.flop_counter.FlopCounterMode`
+    counts them: matmuls, convolutions and attention (element-wise ops, normalisation and `grid_sample` are not
+    counted). Independent of the machine's load: the noise-free part of the comparison."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**batch).loss.backward()
+    return int(counter.get_total_flops())
+
+
 def bracketed_rounds(steps: dict, baseline: str, rounds: int, warmup: int) -> dict[str, dict[str, list[float]]]:
     """Runs `baseline` before, between and after the candidates of every round (L c1 L c2 ... L, the candidates'
     order rotating every round); `steps[name]()` returns `(cpu_s, wall_s)`.
@@ -258,11 +271,20 @@ def main(argv: list[str] | None = None) -> dict:
     for name in prepared:
         steps[name] = lambda name=name: step(prepared[name], batches[name], device)
     times = bracketed_rounds(steps, "llava", args.repeats, args.warmup)
+    flops = {"llava": step_flops(llava, baseline_batch)}
+    flops.update({name: step_flops(prepared[name], batches[name]) for name in prepared})
     baseline = _common.median(times["llava"][clock])
     data_per_record = data_seconds_per_record(args)
     data_per_batch = data_per_record * args.batch_size
     rows = [
-        {"name": "llava (transformers)", "step_s": baseline, "ratio": 1.0, "data_share": data_per_batch / baseline}
+        {
+            "name": "llava (transformers)",
+            "step_s": baseline,
+            "ratio": 1.0,
+            "gflops": flops["llava"] / 1e9,
+            "flop_ratio": 1.0,
+            "data_share": data_per_batch / baseline,
+        }
     ]
     targets = []
     for name in prepared:
@@ -278,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "ratio_p25": low,
                 "ratio_p75": high,
                 "wall_ratio": _common.median(times[name]["wall_ratio"]),
+                "gflops": flops[name] / 1e9,
+                "flop_ratio": flops[name] / flops["llava"],
                 "data_share": data_per_batch / step_seconds,
             }
         )
@@ -296,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
             ("ratio_p25", "p25", ".3f"),
             ("ratio_p75", "p75", ".3f"),
             ("wall_ratio", "wall-clock ratio", ".3f"),
+            ("gflops", "GFLOP", ".1f"),
+            ("flop_ratio", "FLOP ratio", ".4f"),
             ("data_share", "data / step", ".4f"),
         ],
     )
