@@ -51,14 +51,19 @@ DEFERRED_COMMANDS: dict[str, tuple[str, str, str, str, str]] = {
         "llava_multilayer.commands.finetune",
         "add_finetune_arguments",
         "run_finetune",
-        "LoRA / QLoRA finetuning with peft and the transformers Trainer.",
+        "LoRA / QLoRA finetuning with peft on your own data: LoRA on the LLM's self-attention and MLP, every "
+        "fusion module (I_M cross-fusion included) trained in full. To reproduce a paper's LoRA run (the original "
+        "targets, optimizer groups and data pipeline) use `train --recipe lora` (docs/training.md).",
         "pip install 'llava-multilayer[peft]'",
     ),
     "train": (
         "llava_multilayer.commands.train",
         "add_train_arguments",
         "run_train",
-        "Train one stage of a paper's recipe (stage 1 alignment, stage 2 finetuning, LoRA, QLoRA).",
+        "Train one stage of a paper's recipe (stage 1 alignment, stage 2 finetuning, LoRA, QLoRA) as the original "
+        "code did. `--recipe lora` is the original's LoRA: adapters on every LLM linear layer, I_M cross-fusion "
+        "projections included, its gates frozen, so it needs a stage-1 model; to adapt a converted or upcycled "
+        "model to your own data with every fusion module trained in full, use `finetune` (docs/training.md).",
         "pip install 'llava-multilayer[peft]'",
     ),
     "merge-lora": (
