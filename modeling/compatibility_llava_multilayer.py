@@ -28,6 +28,7 @@ checked to be present, with the same behaviour, in every supported release, 5.16
 """
 
 import dataclasses
+import warnings
 
 from transformers import Cache
 
@@ -59,10 +60,19 @@ CACHE_ARGUMENT = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
 def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """Returns the cache given under either name (`cache` since transformers 5.24, `past_key_values` before)."""
+    """Returns the cache given under either name (`cache` since transformers 5.24, `past_key_values` before).
+
+    Where the installed release names it `cache`, the old name warns as transformers' own models do there."""
     if cache is not None and past_key_values is not None:
         raise ValueError(
             "Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24), not both."
+        )
+    if past_key_values is not None and CACHE_ARGUMENT == "cache":
+        warnings.warn(
+            "`past_key_values` is deprecated since transformers 5.24 and will be removed with it: pass the cache as "
+            "`cache`.",
+            FutureWarning,
+            stacklevel=3,
         )
     return cache if cache is not None else past_key_values
 
