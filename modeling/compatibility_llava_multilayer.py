@@ -19,6 +19,9 @@ has. Everything that depends on the release lives here, with the release that ch
 - transformers 5.24 renamed the cache argument of every forward and the cache field of every output from
   `past_key_values` to `cache` (the old keyword still works there, with a deprecation warning). The model accepts
   both names and hands the cache on under the name the installed release uses.
+- `GradientCheckpointingLayer` checkpoints its `__call__` in 5.16.1 and, in 5.24, a wrapper of `forward` that
+  `__init_subclass__` installs; `unwrap_layer_checkpointing` undoes the latter for layers that checkpoint inside
+  their own `forward`.
 - transformers 5.23 renamed gradient checkpointing to activation checkpointing (`activation_checkpointing_enable`,
   `is_activation_checkpointing`, the `activation_checkpointing*` training arguments); the old names still work
   there, with a deprecation warning.
@@ -94,6 +97,15 @@ def returned_cache(outputs) -> Cache | None:
     return next((value for value in outputs.values() if isinstance(value, Cache)), None)
 
 
+def unwrap_layer_checkpointing(layer_class: type) -> None:
+    """Undoes the checkpointing wrapper that transformers 5.24 puts around the `forward` of a new
+    `GradientCheckpointingLayer` subclass (made with `functools.wraps`, so the wrapped function is `__wrapped__`).
+    5.16.1 checkpoints in `__call__` instead, which such a layer replaces by `nn.Module.__call__`."""
+    wrapped = getattr(layer_class.__dict__.get("forward"), "__wrapped__", None)
+    if wrapped is not None:
+        layer_class.forward = wrapped
+
+
 def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = None) -> None:
     """Turns on activation (gradient) checkpointing of a transformers model under either release's name."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -131,4 +143,5 @@ __all__ = [
     "output_fields",
     "resolve_cache_argument",
     "returned_cache",
+    "unwrap_layer_checkpointing",
 ]

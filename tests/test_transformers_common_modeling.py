@@ -158,6 +158,13 @@ class LlavaMultiLayerCommonTests(ModelTesterMixin):
             self, config_class=LlavaMultiLayerConfig, has_text_modality=False, common_properties=common_properties
         )
 
+    def _image_features_prepare_config_and_inputs(self):
+        # The mixin keeps the inputs named after pixels or images; instruction-guided fusion needs the instruction too.
+        config, inputs_dict = super()._image_features_prepare_config_and_inputs()
+        _, all_inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        inputs_dict.update({key: value for key, value in all_inputs.items() if key.startswith("instruction_")})
+        return config, inputs_dict
+
     def test_config(self):
         self.config_tester.run_common_tests()
 
