@@ -88,7 +88,7 @@ def cache_keyword(cache: Cache | None) -> dict[str, Cache | None]:
 def output_fields(output_class: type, outputs) -> dict:
     """The entries of the `ModelOutput` `outputs` that are fields of the dataclass `output_class`, whatever the
     installed transformers names them (the cache included)."""
-    names = {field.name for field in dataclasses.fields(output_class)}
+    names = output_class.__dataclass_fields__  # what `dataclasses.fields` reads; torch.compile can trace this
     return {key: value for key, value in outputs.items() if key in names}
 
 

@@ -420,10 +420,10 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             _check_image_token_runs(image_token_mask, num_tokens)
             mask = image_token_mask.unsqueeze(-1).to(inputs_embeds.device)
             inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
-        elif image_token_mask is not None and (cache is None or cache.get_seq_length() == 0):
-            # Only a prompt needs its images: at a decode step they are in the cache already (and the data-dependent
-            # check would break compiled decoding).
-            if image_token_mask.any():
+        elif image_token_mask is not None and not torch.compiler.is_compiling():
+            # Only a prompt needs its images: at a decode step they are in the cache already. The check depends on
+            # the data (a static cache's length is a tensor), so compiled forwards (decode steps) leave it out.
+            if (cache is None or cache.get_seq_length() == 0) and image_token_mask.any():
                 raise ValueError(
                     "The prompts contain image tokens but no `pixel_values` were given: pass the images too."
                 )
