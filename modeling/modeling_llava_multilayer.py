@@ -133,6 +133,7 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
     _no_split_modules = [
         "SingleLayerProjector",
         "ConcatProjector",
