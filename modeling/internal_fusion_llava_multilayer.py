@@ -267,7 +267,7 @@ class CrossAttentionFusionDecoderLayer(InternalFusionDecoderLayer):
         if position_ids is None:
             raise ValueError("Cross-attention fusion needs the `position_ids` the language model passes its layers.")
         cross_inputs = internal_fusion_inputs.get(self.layer_idx) if internal_fusion_inputs else None
-        visual = () if cross_inputs is None else tuple(getattr(cross_inputs, field.name) for field in fields(cross_inputs))
+        visual = () if cross_inputs is None else tuple(getattr(cross_inputs, f.name) for f in fields(cross_inputs))
         return self.run_checkpointed(self.fused_forward, hidden_states, *visual, position_ids=position_ids, **kwargs)
 
     def fused_forward(

@@ -2,14 +2,13 @@
 `torch.compile(fullgraph=True)` of a decode step (transformers' `GenerationTesterMixin` is not in its source
 distribution, so these are this package's own), and activation checkpointing of internal fusion."""
 
-import copy
-
 import pytest
 import torch
 from conftest import make_inputs, make_model, needs_instructions, processor_for, random_image, vicuna_prompt
 from transformers import StaticCache
 
 from llava_multilayer.compatibility_llava_multilayer import CACHE_ARGUMENT, enable_activation_checkpointing
+
 
 EXTERNAL_FUSERS = ["single", "concat", "mmfuser", "igva"]
 INTERNAL_FUSION = ["internal_add", "internal_cross_pre", "internal_cross_post"]
@@ -74,14 +73,29 @@ def test_fullgraph_compile_is_declared(variant):
 def test_fullgraph_compiled_decode_step_matches_eager(tokenizer, variant):
     model, inputs = _model_and_inputs(tokenizer, variant, prompts=2)
     text_config = model.config.get_text_config(decoder=True)
-    cache = StaticCache(config=text_config, max_cache_len=inputs["input_ids"].shape[1] + 4)
+    # Two prefills (not a copy of one cache: I_M keeps its visual keys/values with the cache they belong to).
+    cache, compiled_cache = (
+        StaticCache(config=text_config, max_cache_len=inputs["input_ids"].shape[1] + 4) for _ in range(2)
+    )
     step = _decode_step(model, inputs, cache)
-    compiled_cache = copy.deepcopy(cache)
+    assert torch.equal(_decode_step(model, inputs, compiled_cache)["input_ids"], step["input_ids"])
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, fullgraph=True)
     with torch.no_grad():
         expected = model(**step, **{CACHE_ARGUMENT: cache}).logits
         actual = compiled(**step, **{CACHE_ARGUMENT: compiled_cache}).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+    # The compiled step, reused for another prompt's cache (other images), reads that prompt's state.
+    other_inputs = dict(inputs, pixel_values=inputs["pixel_values"].flip(0))
+    other_cache, other_compiled_cache = (
+        StaticCache(config=text_config, max_cache_len=inputs["input_ids"].shape[1] + 4) for _ in range(2)
+    )
+    other_step = _decode_step(model, other_inputs, other_cache)
+    _decode_step(model, other_inputs, other_compiled_cache)
+    with torch.no_grad():
+        expected = model(**other_step, **{CACHE_ARGUMENT: other_cache}).logits
+        actual = compiled(**other_step, **{CACHE_ARGUMENT: other_compiled_cache}).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
@@ -97,7 +111,7 @@ def test_internal_fusion_activation_checkpointing_gradients(tokenizer, variant, 
     def gradients():
         model.zero_grad()
         model(**inputs, labels=labels, use_cache=False).loss.backward()
-        return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     expected = gradients()
     fused_layer = model.model.internal_fusion_layers[0]

@@ -3,9 +3,9 @@
 Set up as transformers' `tests/models/llava/test_modeling_llava.py` sets up LLaVA (same tiny LLaMA and 2-layer CLIP,
 image tokens first in every row); the fusers take hidden states 0 (embeddings), 1 and 2. The mixins
 come from the source distribution of the installed transformers (`tests/transformers_source.py`); the module skips
-when `LLAVA_MULTILAYER_TRANSFORMERS_SOURCE` is unset. The sdist holds no `GenerationTesterMixin`: generation (greedy,
-sampling, beam search, assisted decoding, static cache, compiled decoding) is tested in
-`tests/test_generation_llava_multilayer.py`.
+when `LLAVA_MULTILAYER_TRANSFORMERS_SOURCE` is unset. The sdist holds no `GenerationTesterMixin`: greedy decoding,
+sampling and beam search are tested in `tests/test_modeling_llava_multilayer.py`, assisted decoding, static caches and
+compiled decode steps in `tests/test_generation_llava_multilayer.py`.
 """
 
 import copy
@@ -18,6 +18,7 @@ from transformers.models.auto import modeling_auto
 from transformers_source import import_tests_module
 
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerModel
+
 
 modeling_common = import_tests_module("test_modeling_common")
 configuration_common = import_tests_module("test_configuration_common")
@@ -50,13 +51,15 @@ VARIANTS = {
             "attention_probs_dropout_prob": 0.0,
         },
     ),
-    "internal_add": dict(internal_fusion_type="add", internal_feature_layers=[1, 2], internal_layer_map=[[0, 0], [1, 1]]),
+    "internal_add": dict(
+        internal_fusion_type="add", internal_feature_layers=[1, 2], internal_layer_map=[[0, 0], [1, 1]]
+    ),
     "internal_cross_attention": dict(
         internal_fusion_type="cross_attention", internal_feature_layers=[1, 2], internal_layer_map=[[0, 0], [1, 1]]
     ),
 }
 
-NO_IMAGES_FOR_IMAGE_TOKENS = "runs random token rows (image token included) without their images, which this model refuses"
+NO_IMAGES_FOR_IMAGE_TOKENS = "runs random token rows (image token included) without images, which this model refuses"
 
 
 class LlavaMultiLayerModelTester:
@@ -116,7 +119,8 @@ class LlavaMultiLayerModelTester:
 
     def prepare_config_and_inputs(self):
         vision = self.vision_config
-        pixel_values = floats_tensor([self.batch_size, vision["num_channels"], vision["image_size"], vision["image_size"]])
+        size = vision["image_size"]
+        pixel_values = floats_tensor([self.batch_size, vision["num_channels"], size, size])
         return self.get_config(), pixel_values
 
     def prepare_config_and_inputs_for_common(self):
@@ -128,8 +132,9 @@ class LlavaMultiLayerModelTester:
         inputs_dict = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
         if config.fusion_type == "igva":
             vocab = config.instruction_encoder_config.vocab_size
-            inputs_dict["instruction_input_ids"] = ids_tensor([self.batch_size, self.instruction_length], vocab)
-            inputs_dict["instruction_attention_mask"] = torch.ones(self.batch_size, self.instruction_length, dtype=torch.long)
+            shape = (self.batch_size, self.instruction_length)
+            inputs_dict["instruction_input_ids"] = ids_tensor(list(shape), vocab)
+            inputs_dict["instruction_attention_mask"] = torch.ones(shape, dtype=torch.long)
         return config, inputs_dict
 
 
@@ -182,7 +187,7 @@ class LlavaMultiLayerCommonTests(ModelTesterMixin):
             with self.assertRaisesRegex(ValueError, "image tokens"):
                 model(**inputs)
 
-    @unittest.skip("GenerationTesterMixin is not in transformers' sdist; see tests/test_generation_llava_multilayer.py")
+    @unittest.skip("GenerationTesterMixin is not in the sdist: see tests/test_generation_llava_multilayer.py")
     def test_generation_tester_mixin_inheritance(self):
         pass
 

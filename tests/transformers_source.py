@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+
 SOURCE_VARIABLE = "LLAVA_MULTILAYER_TRANSFORMERS_SOURCE"
 PACKAGE = "transformers_source_tests"
 
@@ -46,14 +47,10 @@ def source_root() -> Path:
     root = Path(root)
     for required in ("test_modeling_common.py", "__init__.py"):
         if not (root / "tests" / required).is_file():
-            raise RuntimeError(f"{SOURCE_VARIABLE}={root} holds no tests/{required}: prepare it with .ci/transformers-tests")
+            raise RuntimeError(
+                f"{SOURCE_VARIABLE}={root} holds no tests/{required}: prepare it with .ci/transformers-tests"
+            )
     return root
-
-
-def missing_modules() -> list[str]:
-    """The mixin files' imports that the source distribution lacks (replaced by placeholders), as `tests/...` paths."""
-    tests_dir = source_root() / "tests"
-    return [f"tests/{name.replace('.', '/')}.py" for name in _PLACEHOLDERS if not (tests_dir / f"{name.replace('.', '/')}.py").is_file()]
 
 
 def import_tests_module(name: str) -> types.ModuleType:
