@@ -133,3 +133,34 @@ def test_internal_fusion_activation_checkpointing_gradients(tokenizer, variant, 
     assert any(name.startswith("model.internal_projectors.") for name in actual)
     for name, gradient in expected.items():
         torch.testing.assert_close(actual[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", EXTERNAL_FUSERS + INTERNAL_FUSION)
+def test_beam_search_scores_are_the_model_log_likelihoods(tokenizer, variant):
+    """Each returned beam's score (no length penalty) is the log-likelihood that one uncached forward of the prompt,
+    its images and the beam gives to the beam's tokens: the beams carry the images' state correctly."""
+    model, inputs = _model_and_inputs(tokenizer, variant)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            num_beams=3,
+            num_return_sequences=3,
+            length_penalty=0.0,
+            early_stopping=True,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        prompt_length = inputs["input_ids"].shape[1]
+        checked = 0
+        for sequence, score in zip(output.sequences, output.sequences_scores):
+            if (sequence[prompt_length:] == 0).any():
+                continue  # a beam that ended early is padded
+            row = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+            logits = model(input_ids=sequence[None], attention_mask=torch.ones_like(sequence[None]), **row).logits
+            log_probs = logits[0, prompt_length - 1 : -1].float().log_softmax(-1)
+            expected = log_probs.gather(-1, sequence[prompt_length:, None]).sum()
+            torch.testing.assert_close(score, expected, atol=1e-4, rtol=0)
+            checked += 1
+    assert checked > 0
