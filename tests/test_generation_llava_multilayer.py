@@ -1,4 +1,4 @@
-"""Generation beyond greedy decoding, for every fusion variant: assisted decoding, static-cache generation and
+"""Generation beyond greedy decoding, for every fusion variant: beam search, assisted decoding, static caches and
 `torch.compile(fullgraph=True)` of a decode step (transformers' `GenerationTesterMixin` is not in its source
 distribution, so these are this package's own), and activation checkpointing of internal fusion."""
 

@@ -3,8 +3,8 @@
 Set up as transformers' `tests/models/llava/test_modeling_llava.py` sets up LLaVA (same tiny LLaMA and 2-layer CLIP,
 image tokens first in every row); the fusers take hidden states 0 (embeddings), 1 and 2. The mixins
 come from the source distribution of the installed transformers (`tests/transformers_source.py`); the module skips
-when `LLAVA_MULTILAYER_TRANSFORMERS_SOURCE` is unset. The sdist holds no `GenerationTesterMixin`: greedy decoding,
-sampling and beam search are tested in `tests/test_modeling_llava_multilayer.py`, assisted decoding, static caches and
+when `LLAVA_MULTILAYER_TRANSFORMERS_SOURCE` is unset. The sdist holds no `GenerationTesterMixin`: greedy decoding and
+sampling are tested in `tests/test_modeling_llava_multilayer.py`, beam search, assisted decoding, static caches and
 compiled decode steps in `tests/test_generation_llava_multilayer.py`.
 """
 
