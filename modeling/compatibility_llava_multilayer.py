@@ -19,6 +19,9 @@ has. Everything that depends on the release lives here, with the release that ch
 - transformers 5.24 renamed the cache argument of every forward and the cache field of every output from
   `past_key_values` to `cache` (the old keyword still works there, with a deprecation warning). The model accepts
   both names and hands the cache on under the name the installed release uses.
+- `GradientCheckpointingLayer` checkpoints its `__call__` in 5.16.1 and, in 5.24, a wrapper of `forward` that
+  `__init_subclass__` installs; `unwrap_layer_checkpointing` undoes the latter for layers that checkpoint inside
+  their own `forward`.
 - transformers 5.23 renamed gradient checkpointing to activation checkpointing (`activation_checkpointing_enable`,
   `is_activation_checkpointing`, the `activation_checkpointing*` training arguments); the old names still work
   there, with a deprecation warning.
@@ -28,6 +31,7 @@ checked to be present, with the same behaviour, in every supported release, 5.16
 """
 
 import dataclasses
+import warnings
 
 from transformers import Cache
 
@@ -59,10 +63,19 @@ CACHE_ARGUMENT = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
 def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """Returns the cache given under either name (`cache` since transformers 5.24, `past_key_values` before)."""
+    """Returns the cache given under either name (`cache` since transformers 5.24, `past_key_values` before).
+
+    Where the installed release names it `cache`, the old name warns as transformers' own models do there."""
     if cache is not None and past_key_values is not None:
         raise ValueError(
             "Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24), not both."
+        )
+    if past_key_values is not None and CACHE_ARGUMENT == "cache":
+        warnings.warn(
+            "`past_key_values` is deprecated since transformers 5.24 and will be removed with it: pass the cache as "
+            "`cache`.",
+            FutureWarning,
+            stacklevel=3,
         )
     return cache if cache is not None else past_key_values
 
@@ -75,13 +88,22 @@ def cache_keyword(cache: Cache | None) -> dict[str, Cache | None]:
 def output_fields(output_class: type, outputs) -> dict:
     """The entries of the `ModelOutput` `outputs` that are fields of the dataclass `output_class`, whatever the
     installed transformers names them (the cache included)."""
-    names = {field.name for field in dataclasses.fields(output_class)}
+    names = output_class.__dataclass_fields__  # what `dataclasses.fields` reads; torch.compile can trace this
     return {key: value for key, value in outputs.items() if key in names}
 
 
 def returned_cache(outputs) -> Cache | None:
     """The cache a language model returned, under whichever name the installed transformers uses."""
     return next((value for value in outputs.values() if isinstance(value, Cache)), None)
+
+
+def unwrap_layer_checkpointing(layer_class: type) -> None:
+    """Undoes the checkpointing wrapper that transformers 5.24 puts around the `forward` of a new
+    `GradientCheckpointingLayer` subclass (made with `functools.wraps`, so the wrapped function is `__wrapped__`).
+    5.16.1 checkpoints in `__call__` instead, which such a layer replaces by `nn.Module.__call__`."""
+    wrapped = getattr(layer_class.__dict__.get("forward"), "__wrapped__", None)
+    if wrapped is not None:
+        layer_class.forward = wrapped
 
 
 def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = None) -> None:
@@ -121,4 +143,5 @@ __all__ = [
     "output_fields",
     "resolve_cache_argument",
     "returned_cache",
+    "unwrap_layer_checkpointing",
 ]

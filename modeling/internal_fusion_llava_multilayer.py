@@ -26,14 +26,21 @@ The visual inputs reach the layers as the explicit keyword argument `internal_fu
 layer index to that layer's inputs), which the language model's forward hands to every decoder layer with its other
 keyword arguments; layers that fuse nothing ignore it. The cross-attention keys/values of I_M are computed once per
 prompt and kept by a `CrossAttentionKeyValueStore` for the decode steps that continue the same cache.
+
+A wrapper is an instance of the wrapped layer's class too (`FeatureInjectionDecoderLayer(llama_layer, 0)` is a
+`LlamaDecoderLayer`), so that what recognises decoder layers by class, such as the language model's recording of
+`hidden_states`, recognises the fusing ones.
 """
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import Cache, GradientCheckpointingLayer, PreTrainedConfig
+
+from .compatibility_llava_multilayer import unwrap_layer_checkpointing
 
 
 @dataclass
@@ -89,11 +96,29 @@ class CrossAttentionKeyValueStore:
         return type(self)()
 
 
+_SPECIALISED_CLASSES: dict[tuple[type, type], type] = {}
+
+
 class InternalFusionDecoderLayer(GradientCheckpointingLayer):
-    """Base of the internal-fusion wrappers: adopts a decoder layer's modules and attributes."""
+    """Base of the internal-fusion wrappers: adopts a decoder layer's modules and attributes.
+
+    Constructing a wrapper around a `decoder_layer` gives an instance of the wrapper class specialised to
+    `type(decoder_layer)` (a subclass of both, named as the wrapper).
+    """
+
+    def __new__(cls, decoder_layer: nn.Module | None = None, *args, **kwargs):
+        if decoder_layer is not None and not isinstance(decoder_layer, InternalFusionDecoderLayer):
+            decoder_class = type(decoder_layer)
+            if not issubclass(cls, decoder_class):
+                key = (cls, decoder_class)
+                if key not in _SPECIALISED_CLASSES:
+                    namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+                    _SPECIALISED_CLASSES[key] = type(cls.__name__, (cls, decoder_class), namespace)
+                cls = _SPECIALISED_CLASSES[key]
+        return super().__new__(cls)
 
     def __init__(self, decoder_layer: nn.Module, layer_idx: int):
-        super().__init__()
+        nn.Module.__init__(self)  # not the wrapped class's `__init__`: its modules are adopted below
         for name, value in vars(decoder_layer).items():
             if not name.startswith("_") and name != "training":
                 setattr(self, name, value)
@@ -101,6 +126,27 @@ class InternalFusionDecoderLayer(GradientCheckpointingLayer):
             self.add_module(name, child)
         self.layer_idx = layer_idx
         self.decoder_layer_class = type(decoder_layer)
+
+    # Activation checkpointing of the whole call would leave this layer's visual inputs in the keyword arguments,
+    # outside the checkpoint (reentrant checkpointing then backpropagates through the vision tower twice). The
+    # checkpoint is taken inside `forward` instead (`run_checkpointed`), with the visual inputs among its inputs.
+    __call__ = nn.Module.__call__
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unwrap_layer_checkpointing(cls)
+
+    def run_checkpointed(self, function, *args, **kwargs):
+        """`function(*args, **kwargs)`, activation-checkpointed when that is on (the tensors in `args` are the
+        checkpoint's inputs); the key/value cache is not used then, as transformers' checkpointed layers do."""
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return function(*args, **kwargs)
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        for name in ("cache", "past_key_values", "layer_past"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+        return self._gradient_checkpointing_func(partial(function, **kwargs), *args)
 
     def decoder_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The wrapped decoder layer's own forward, run on the adopted modules."""
@@ -122,7 +168,7 @@ class FeatureInjectionDecoderLayer(InternalFusionDecoderLayer):
             mask = inputs.image_token_mask.unsqueeze(-1).to(hidden_states.device)
             features = inputs.features.to(hidden_states.device, hidden_states.dtype)
             hidden_states = hidden_states + torch.zeros_like(hidden_states).masked_scatter(mask, features)
-        return self.decoder_forward(hidden_states, *args, **kwargs)
+        return self.run_checkpointed(self.decoder_forward, hidden_states, *args, **kwargs)
 
 
 class FusionCrossAttention(nn.Module):
@@ -221,6 +267,21 @@ class CrossAttentionFusionDecoderLayer(InternalFusionDecoderLayer):
         if position_ids is None:
             raise ValueError("Cross-attention fusion needs the `position_ids` the language model passes its layers.")
         cross_inputs = internal_fusion_inputs.get(self.layer_idx) if internal_fusion_inputs else None
+        visual = () if cross_inputs is None else tuple(getattr(cross_inputs, f.name) for f in fields(cross_inputs))
+        return self.run_checkpointed(self.fused_forward, hidden_states, *visual, position_ids=position_ids, **kwargs)
+
+    def fused_forward(
+        self,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        feature_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.LongTensor,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The layer on `(batch, seq, hidden)` states, with the `CrossAttentionInputs` fields as tensors (or none)."""
+        cross_inputs = None if keys is None else CrossAttentionInputs(keys, values, feature_mask)
         attention_kwargs = {"position_ids": position_ids, **kwargs}
         if self.placement == "post_cross":
             hidden_states = self.decoder_forward(hidden_states, **attention_kwargs)

@@ -85,10 +85,13 @@ class LlavaMultiLayerModelOutputWithPast(BaseModelOutputWithPast):
         `(num_images, num_image_tokens, text_hidden_size)` visual tokens spliced into the sequence.
     fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
         Weights of the layer groups chosen by the instruction (`igva` only).
+    image_outputs (`LlavaMultiLayerImageFeaturesOutput`, *optional*):
+        What `get_image_features` returned for the images of this forward (`None` without images).
     """
 
     image_hidden_states: torch.Tensor | None = None
     fusion_weights: torch.Tensor | None = None
+    image_outputs: LlavaMultiLayerImageFeaturesOutput | None = None
 
 
 @dataclass
@@ -98,10 +101,13 @@ class LlavaMultiLayerCausalLMOutputWithPast(CausalLMOutputWithPast):
         `(num_images, num_image_tokens, text_hidden_size)` visual tokens spliced into the sequence.
     fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
         Weights of the layer groups chosen by the instruction (`igva` only).
+    image_outputs (`LlavaMultiLayerImageFeaturesOutput`, *optional*):
+        What `get_image_features` returned for the images of this forward (`None` without images).
     """
 
     image_hidden_states: torch.Tensor | None = None
     fusion_weights: torch.Tensor | None = None
+    image_outputs: LlavaMultiLayerImageFeaturesOutput | None = None
 
 
 def _check_image_token_runs(image_token_mask: torch.Tensor, num_tokens: int) -> None:
@@ -127,6 +133,7 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
     _no_split_modules = [
         "SingleLayerProjector",
         "ConcatProjector",
@@ -148,6 +155,23 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @torch.no_grad()
+    def initialize_weights(self):
+        # For a custom-code model transformers skips every module that owns no parameters directly, in the model and
+        # in its sub-models; but transformers' own models initialise the linears of such modules from them (CLIP's
+        # attention and MLP). So the sub-models built from transformers classes (vision tower, language model,
+        # instruction encoder) are first initialised as the models they are, each by its own `_init_weights`;
+        # loaded weights stay (transformers' init functions skip them).
+        for module in self.modules():
+            if module is not self and isinstance(module, PreTrainedModel) and not module.is_custom_code():
+                module.initialize_weights()
+        super().initialize_weights()
+        # The I_M layers sit inside the language model, whose `_init_weights` does not know their gates.
+        for module in self.modules():
+            if isinstance(module, CrossAttentionFusionDecoderLayer):
+                init.zeros_(module.cross_attn_gate)
+                init.zeros_(module.cross_mlp_gate)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, MMFuserBlock):
@@ -157,9 +181,6 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
             init_deformable_attention(module.self_attn)
             init.zeros_(module.cross_attn_scale)
             init.zeros_(module.self_attn_scale)
-        elif isinstance(module, CrossAttentionFusionDecoderLayer):
-            init.zeros_(module.cross_attn_gate)
-            init.zeros_(module.cross_mlp_gate)
 
 
 class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
@@ -243,16 +264,23 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         instruction_embeds: torch.Tensor | None = None,
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> LlavaMultiLayerImageFeaturesOutput:
         """Runs the vision tower and the fuser(s) on `(num_images, channels, height, width)` pixel values.
 
         `instruction_*` (one row per image) are only used by instruction-guided (`igva`) fusion; pass either the
-        tokenized instruction or precomputed `instruction_embeds`.
+        tokenized instruction or precomputed `instruction_embeds`. The vision tower's `hidden_states` are returned
+        with `output_hidden_states=True` (or the config's), its `attentions` with `output_attentions=True`.
         """
         self._check_pixel_values(pixel_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        # `output_attentions=None` would override the tower config's choice, so it is only passed when given.
+        attention_kwargs = {} if output_attentions is None else {"output_attentions": output_attentions}
         vision_outputs = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
+            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True, **attention_kwargs
         )
         hidden_states = vision_outputs.hidden_states
         if instruction_embeds is not None and instruction_input_ids is not None:
@@ -275,7 +303,7 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         return LlavaMultiLayerImageFeaturesOutput(
             last_hidden_state=vision_outputs.last_hidden_state,
             pooler_output=fusion.image_features,
-            hidden_states=hidden_states,
+            hidden_states=hidden_states if output_hidden_states else None,
             attentions=vision_outputs.attentions,
             internal_image_features=internal_features,
             fusion_weights=fusion.fusion_weights,
@@ -379,6 +407,8 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
                 instruction_embeds=instruction_embeds,
                 instruction_input_ids=instruction_input_ids,
                 instruction_attention_mask=instruction_attention_mask,
+                output_hidden_states=kwargs.get("output_hidden_states"),
+                output_attentions=kwargs.get("output_attentions"),
             )
             features = image_features.image_features
             num_images, num_tokens = features.shape[:2]
@@ -391,8 +421,10 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             _check_image_token_runs(image_token_mask, num_tokens)
             mask = image_token_mask.unsqueeze(-1).to(inputs_embeds.device)
             inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
-        elif image_token_mask is not None and image_token_mask.any():
-            if cache is None or cache.get_seq_length() == 0:
+        elif image_token_mask is not None and not torch.compiler.is_compiling():
+            # Only a prompt needs its images: at a decode step they are in the cache already. The check depends on
+            # the data (a static cache's length is a tensor), so compiled forwards (decode steps) leave it out.
+            if (cache is None or cache.get_seq_length() == 0) and image_token_mask.any():
                 raise ValueError(
                     "The prompts contain image tokens but no `pixel_values` were given: pass the images too."
                 )
@@ -415,6 +447,7 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             **output_fields(LlavaMultiLayerModelOutputWithPast, outputs),
             image_hidden_states=image_features.image_features if image_features is not None else None,
             fusion_weights=image_features.fusion_weights if image_features is not None else None,
+            image_outputs=image_features,
         )
 
 
@@ -422,6 +455,7 @@ class LlavaMultiLayerForConditionalGeneration(LlavaMultiLayerPreTrainedModel, Ge
     """The multi-layer fusion LLaVA model with a language modeling head."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: LlavaMultiLayerConfig):
         super().__init__(config)
@@ -524,6 +558,10 @@ class LlavaMultiLayerForConditionalGeneration(LlavaMultiLayerPreTrainedModel, Ge
         )
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        # The first forward of an empty cache is a prefill, which needs the images, whoever runs it: an assistant
+        # model (`generate(assistant_model=...)`) runs its prefill with `is_first_iteration=False`.
+        cache = resolve_cache_argument(kwargs.get("cache"), kwargs.get("past_key_values"))
+        is_first_iteration = is_first_iteration or (cache is not None and cache.get_seq_length() == 0)
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("instruction_input_ids", "instruction_attention_mask", "instruction_embeds"):
