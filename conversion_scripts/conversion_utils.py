@@ -43,7 +43,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import (
-    AddedToken,
     AutoConfig,
     AutoTokenizer,
     GenerationConfig,
@@ -56,6 +55,7 @@ from llava_multilayer import (
     LlavaMultiLayerConfig,
     LlavaMultiLayerForConditionalGeneration,
     LlavaMultiLayerProcessor,
+    add_image_token,
 )
 from llava_multilayer.compatibility_llava_multilayer import custom_object_save
 
@@ -406,8 +406,7 @@ def load_tokenizer_with_image_token(tokenizer_dir: Path):
             f"Could not load the tokenizer of {tokenizer_dir}: {error}. Reading a SentencePiece tokenizer.model "
             "needs `pip install sentencepiece protobuf`."
         ) from error
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    tokenizer = add_image_token(tokenizer, IMAGE_TOKEN)
     return tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
