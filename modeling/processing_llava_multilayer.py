@@ -210,6 +210,22 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
             if size is not None and 0 in tuple(size):
                 raise ValueError(f"Image {index} is empty (size {tuple(size)}).")
 
+    def _merge_kwargs(self, ModelProcessorKwargs=None, tokenizer_init_kwargs=None, **kwargs):  # noqa: N803
+        # transformers only warns about an argument no sub-processor takes; a misspelt option would be ignored.
+        unknown = sorted(set(kwargs) - self._valid_call_kwargs(ModelProcessorKwargs or self.valid_processor_kwargs))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__ got unexpected arguments: {unknown}.")
+        return super()._merge_kwargs(ModelProcessorKwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs)
+
+    def _valid_call_kwargs(self, processor_kwargs) -> set[str]:
+        """The names `__call__` accepts: the kwargs TypedDicts' and the sub-processors' own options."""
+        names = {*processor_kwargs.__annotations__, "common_kwargs", "text", "images", "videos", "audio"}
+        for modality, attribute in (("text_kwargs", "tokenizer"), ("images_kwargs", "image_processor")):
+            names |= set(processor_kwargs.__annotations__[modality].__annotations__)
+            valid_kwargs = getattr(getattr(self, attribute, None), "valid_kwargs", None)
+            names |= set(getattr(valid_kwargs, "__annotations__", {}))
+        return names
+
     def _process_images(self, images, **kwargs):
         return super()._process_images([to_rgb(image) for image in make_flat_list_of_images(images)], **kwargs)
 
