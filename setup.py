@@ -27,7 +27,15 @@ extras = {
     "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
 }
 extras["test"] = sorted(
-    {*extras["peft"], *extras["quantization"], *extras["convert"], *extras["train"], "pytest>=8", "hypothesis>=6"}
+    {
+        *extras["peft"],
+        *extras["quantization"],
+        *extras["convert"],
+        *extras["train"],
+        "pytest>=8",
+        "hypothesis>=6",
+        "parameterized",  # transformers' common test mixins (tests/test_processing_transformers_common.py)
+    }
 )
 extras["all"] = sorted({dep for name, deps in extras.items() if name != "eval" for dep in deps})
 

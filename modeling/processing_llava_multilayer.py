@@ -18,7 +18,9 @@ from typing import Unpack
 import numpy as np
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs
+from transformers.tokenization_utils_base import TextInput
 from transformers.utils import cached_file
 
 from .compatibility_llava_multilayer import make_flat_list_of_images
@@ -183,13 +185,11 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Clear errors for what this processor cannot process: no text, empty prompts or images, a number of images
-        that differs from the number of placeholders, truncation (it could cut through the image tokens)."""
+        that differs from the number of placeholders. (Truncation that cuts through image tokens is refused by
+        `ProcessorMixin` after tokenizing.)"""
         for key, value in (("videos", videos), ("audio", audio)):
             if value is not None:
                 raise ValueError(f"{type(self).__name__} does not process {key}.")
-        truncation = kwargs.get("truncation", kwargs.get("text_kwargs", {}).get("truncation", False))
-        if truncation not in (False, None, "do_not_truncate"):
-            raise ValueError("Truncation is not supported: it could cut through the image tokens.")
         if text is None:
             raise ValueError("`text` is required: pass the prompt(s), with one `<image>` per image.")
         prompts = [text] if isinstance(text, str) else text
@@ -202,8 +202,9 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         flat_images = make_flat_list_of_images(images) if images is not None else []
         if sum(counts) != len(flat_images):
             raise ValueError(
-                f"The prompts contain {sum(counts)} {self.image_token!r} placeholder(s) (per prompt: {counts}) but "
-                f"{len(flat_images)} image(s) were given: pass exactly one image per placeholder."
+                f"The total number of {self.image_token} tokens in the prompts should be the same as the number of "
+                f"images: the prompts contain {sum(counts)} {self.image_token!r} placeholder(s) (per prompt: "
+                f"{counts}) but {len(flat_images)} image(s) were given; pass exactly one image per placeholder."
             )
         for index, image in enumerate(flat_images):
             size = image.shape if hasattr(image, "shape") else getattr(image, "size", None)
@@ -220,10 +221,10 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
     def _valid_call_kwargs(self, processor_kwargs) -> set[str]:
         """The names `__call__` accepts: the kwargs TypedDicts' and the sub-processors' own options."""
         names = {*processor_kwargs.__annotations__, "common_kwargs", "text", "images", "videos", "audio"}
-        for modality, attribute in (("text_kwargs", "tokenizer"), ("images_kwargs", "image_processor")):
+        for modality in ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs"):
             names |= set(processor_kwargs.__annotations__[modality].__annotations__)
-            valid_kwargs = getattr(getattr(self, attribute, None), "valid_kwargs", None)
-            names |= set(getattr(valid_kwargs, "__annotations__", {}))
+        valid_kwargs = getattr(self.image_processor, "valid_kwargs", None)
+        names |= set(getattr(valid_kwargs, "__annotations__", {}))
         return names
 
     def _process_images(self, images, **kwargs):
@@ -234,7 +235,12 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         height, width = np.asarray(image_inputs["pixel_values"][image_idx]).shape[-2:]
         return self.image_token * self.num_image_tokens(height, width)
 
-    def __call__(self, images=None, text=None, **kwargs: Unpack[LlavaMultiLayerProcessorKwargs]) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        **kwargs: Unpack[LlavaMultiLayerProcessorKwargs],
+    ) -> BatchFeature:
         """
         Prepares `pixel_values`, `input_ids` and `attention_mask`.
 
@@ -250,9 +256,22 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         """
         return super().__call__(images=images, text=text, **kwargs)
 
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        if self._auto_class is not None:
+            # What `save_pretrained` writes (it sets `auto_map` on the saving instance only), so that a loaded
+            # processor serializes as the one it was saved from.
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            output.setdefault("auto_map", {self._auto_class: f"{module}.{type(self).__name__}"})
+        return output
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+class LlavaMultiLayerInstructionProcessorKwargs(LlavaMultiLayerProcessorKwargs, total=False):
+    _defaults = LlavaMultiLayerProcessorKwargs._defaults
 
 
 class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
@@ -270,6 +289,8 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
         instruction_max_length (`int`, *optional*, defaults to 384):
             Instructions are truncated to this many tokens (the encoder's `max_seq_length`).
     """
+
+    valid_processor_kwargs = LlavaMultiLayerInstructionProcessorKwargs
 
     def __init__(
         self,
@@ -315,10 +336,10 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
 
     def __call__(
         self,
-        images=None,
-        text=None,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
         instructions: str | list[str] | None = None,
-        **kwargs: Unpack[LlavaMultiLayerProcessorKwargs],
+        **kwargs: Unpack[LlavaMultiLayerInstructionProcessorKwargs],
     ) -> BatchFeature:
         """As [`LlavaMultiLayerProcessor.__call__`], plus `instructions` (`str` or `list[str]`, one per prompt),
         tokenized into `instruction_input_ids` / `instruction_attention_mask` with one row per image."""

@@ -260,6 +260,10 @@ def test_tokenizer_without_image_token_raises():
         make_processor(tokenizer)
 
 
-def test_truncation_is_refused(processor):
-    with pytest.raises(ValueError, match="Truncation"):
-        processor(images=random_image(0), text=vicuna_prompt("x"), truncation=True)
+def test_truncation_through_the_image_tokens_is_refused(processor):
+    prompt = vicuna_prompt("x")
+    full = processor(images=random_image(0), text=prompt)["input_ids"][0]
+    with pytest.raises(ValueError, match="Mismatch in `image` token count"):
+        processor(images=random_image(0), text=prompt, truncation=True, max_length=full.index(IMAGE_TOKEN_ID) + 3)
+    kept = processor(images=random_image(0), text=prompt, truncation=True, max_length=len(full) - 2)["input_ids"][0]
+    assert kept == full[:-2], "truncation after the image tokens keeps them all"
