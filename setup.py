@@ -9,6 +9,7 @@ from pathlib import Path
 
 from setuptools import setup
 
+
 ROOT = Path(__file__).parent
 version = next(
     line.split('"')[1] for line in (ROOT / "modeling" / "__init__.py").read_text().splitlines()

@@ -11,13 +11,45 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""vLLM's Transformers backend for converted checkpoints, with the two things it cannot infer from them."""
+"""vLLM's Transformers backend for converted checkpoints, with what it cannot infer from them.
+
+IGVA (instruction-guided fusion) needs each request's instruction, which vLLM's multimodal processing cannot derive
+(it hands the processor the images with a placeholder text, not the prompt): pass it per request as
+`mm_processor_kwargs={"instructions": ["..."]}` (one per prompt, the same text the processor derives in
+transformers: the last user turn without the image placeholder). A request without it is refused by the processor.
+"""
+
+import dataclasses
 
 from vllm.model_executor.models.transformers import TransformersMultiModalForCausalLM
+from vllm.model_executor.models.transformers.multimodal import (
+    MultiModalDummyInputsBuilder,
+    MultiModalProcessingInfo,
+    MultiModalProcessor,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from llava_multilayer.modeling_llava_multilayer import refuse_internal_fusion_under_vllm
 
 
+#: The instruction of vLLM's memory-profiling run (dummy images, no request): it only sizes the run.
+PROFILING_INSTRUCTION = "Describe the image."
+
+
+class LlavaMultiLayerVllmProcessor(MultiModalProcessor):
+    """vLLM's multimodal processing of the Transformers backend; IGVA's profiling run gets an instruction."""
+
+    def get_dummy_inputs(self, *args, **kwargs):
+        inputs = super().get_dummy_inputs(*args, **kwargs)
+        if hasattr(self.info.get_hf_processor(), "instruction_tokenizer"):
+            mm_kwargs = {"instructions": [PROFILING_INSTRUCTION], **inputs.hf_processor_mm_kwargs}
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=mm_kwargs)
+        return inputs
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaMultiLayerVllmProcessor, info=MultiModalProcessingInfo, dummy_inputs=MultiModalDummyInputsBuilder
+)
 class LlavaMultiLayerForVllm(TransformersMultiModalForCausalLM):
     """vLLM's Transformers backend running `LlavaMultiLayerForConditionalGeneration` (external fusion only).
 
