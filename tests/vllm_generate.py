@@ -2,8 +2,8 @@
 prints the greedy token ids of each request as JSON. One engine per process: vLLM keeps global state per engine.
 
 Usage: python vllm_generate.py CHECKPOINT_DIR SPEC_JSON. SPEC_JSON holds "requests" (a list of {"prompt", "images"
-(paths), "instructions" (optional)}), "max_tokens", optionally "ignore_eos" and "model_impl"; the script prints
-`VLLM_RESULT {"token_ids": [[...], ...], "seconds": generation time}`.
+(paths), "instructions" (optional)}), "max_tokens", optionally "ignore_eos", "dtype" and "model_impl"; the script
+prints `VLLM_RESULT {"token_ids": [[...], ...], "seconds": generation time}`.
 """
 
 import json
@@ -19,7 +19,7 @@ def main(checkpoint: str, requests_path: str) -> None:
     llm = LLM(
         model=checkpoint,
         trust_remote_code=True,
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
         max_model_len=512,
         enforce_eager=True,
         limit_mm_per_prompt={"image": 2},
