@@ -215,6 +215,15 @@ def test_instruction_processor_gives_one_instruction_per_image(instruction_proce
     assert "instruction_input_ids" not in text_only
 
 
+def test_instruction_processor_refuses_a_prompt_without_instruction(instruction_processor):
+    """vLLM hands the processor a bare `<image>` instead of the prompt: IGVA's instruction must then come with the
+    request (`mm_processor_kwargs={"instructions": [...]}`), never be guessed."""
+    with pytest.raises(ValueError, match="Could not find an instruction in the prompt '<image>'"):
+        instruction_processor(images=random_image(0), text=IMAGE_TOKEN)
+    explicit = instruction_processor(images=random_image(0), text=IMAGE_TOKEN, instructions=["What is it?"])
+    assert explicit["instruction_input_ids"].shape[0] == 1
+
+
 def test_processor_for_picks_the_instruction_processor():
     igva = make_model("igva")
     processor = processor_for(igva.config, instruction_tokenizer=load_instruction_tokenizer())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_model, processor_for, random_image, tiny_text_config, vicuna_prompt
+from conftest import make_model, processor_for, random_image, tiny_text_config, vicuna_prompt
 
 
 pytest.importorskip(
@@ -103,14 +103,3 @@ def test_vllm_refuses_internal_fusion(internal_fusion, model_impl, tmp_path):
     completed = serve(checkpoint, [{"prompt": vicuna_prompt("Hi?", 0)}], tmp_path, **options)
     assert completed.returncode != 0
     assert "cannot be served by vLLM" in completed.stdout + completed.stderr
-
-
-def test_igva_request_without_instruction_is_refused(tmp_path):
-    checkpoint = tmp_path / "checkpoint"
-    save_checkpoint("igva", checkpoint)
-    image_path = tmp_path / "image.png"
-    random_image(0).save(image_path)
-    completed = serve(checkpoint, [{"prompt": vicuna_prompt("What?"), "images": [str(image_path)]}], tmp_path)
-    assert completed.returncode != 0
-    assert "Could not find an instruction" in completed.stdout + completed.stderr
-    assert IMAGE_TOKEN in completed.stdout + completed.stderr
