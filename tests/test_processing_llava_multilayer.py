@@ -220,7 +220,9 @@ def test_instruction_processor_refuses_a_prompt_without_instruction(instruction_
     request (`mm_processor_kwargs={"instructions": [...]}`), never be guessed."""
     with pytest.raises(ValueError, match="Could not find an instruction in the prompt '<image>'"):
         instruction_processor(images=random_image(0), text=IMAGE_TOKEN)
-    explicit = instruction_processor(images=random_image(0), text=IMAGE_TOKEN, instructions=["What is it?"])
+    explicit = instruction_processor(
+        images=random_image(0), text=IMAGE_TOKEN, instructions=["What is it?"], return_tensors="pt"
+    )
     assert explicit["instruction_input_ids"].shape[0] == 1
 
 
