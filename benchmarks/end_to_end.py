@@ -116,6 +116,8 @@ def attn_implementation(config, attn: str) -> dict:
 
 def build_models(args, device, dtype):
     vision_config = _common.vision_config(_common.CLIP_L_336, args.quick)
+    if getattr(args, "image_size", None):
+        vision_config["image_size"] = args.image_size
     text_config = _common.text_config(args.llm_layers, args.quick)
     num_image_tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2  # CLIP patches, CLS dropped
     llava_config = LlavaConfig(

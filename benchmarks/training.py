@@ -14,17 +14,25 @@
 """Training speed: is the data pipeline the bottleneck, and what does fusion cost per training step?
 
 1. Data: records/s of the training dataset + collator (`llava_multilayer.training`, finetune recipe, vicuna_v1
-   two-turn conversations) on 640x480 JPEG images resized to the tower's 336 px (84 px with `--quick`), read from
-   disk, tokenized and collated, in this process (no worker processes). Reported against the model's step time:
-   `data_share` = data time of one batch / training step time of one batch (below 1: one data worker keeps up).
+   two-turn conversations) on 640x480 JPEG images resized to 336 px (`--data-image-size`, the real CLIP size, also
+   with `--quick`), read from disk, tokenized and collated, in this process (no worker processes). Reported against
+   the model's step time: `data_share` = data time of one batch / training step time of one batch (below 1: one
+   data worker keeps up).
 2. Model: one training step (forward with labels, backward) of every fusion type with the finetune recipe's
    trainable set (LLM, fuser, projector(s); tower frozen), against transformers' `LlavaForConditionalGeneration`
-   with the same CLIP ViT-L/14-336 tower and LLM (LLM + projector trained, tower frozen), interleaved rounds, median
-   ratio. Target: ratio <= 1.05 for the external fusers. Random weights; nothing is downloaded.
+   with the same CLIP ViT-L/14 tower and LLM (LLM + projector trained, tower frozen), on the same input ids and
+   pixels. Target: ratio <= 1.05 for the external fusers. Random weights; nothing is downloaded.
 
-    python benchmarks/training.py --quick                          # seconds
-    python benchmarks/training.py --llm-layers 2                   # real widths on CPU (minutes)
-    python benchmarks/training.py --device cuda --dtype bfloat16   # 7B-wide LLM, 32 layers by default on CUDA
+How the ratio is made credible on a shared machine: after `--warmup` untimed rounds, every round runs the baseline
+between every two candidate steps (L c1 L c2 L c3 ... L, the candidates' order rotating every round), and each
+candidate step is divided by the mean of the two baseline steps around it; the median of those `--repeats` ratios
+is reported with their interquartile range. On CPU the clock is the process's CPU time (`time.process_time`) at a
+fixed thread count (`--threads`, default 1): other jobs on the machine delay a step but do not add to its CPU time,
+which wall time would count. On CUDA the clock is wall time, synchronised.
+
+    python benchmarks/training.py --quick                           # seconds
+    python benchmarks/training.py --llm-layers 1 --image-size 168   # real widths on CPU, a quarter of the tokens
+    python benchmarks/training.py --device cuda --dtype bfloat16    # 7B-wide LLM, 32 layers by default on CUDA
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from transformers import LlavaImageProcessorPil
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,8 +56,9 @@ import _common
 import end_to_end
 
 from llava_multilayer import LlavaMultiLayerProcessor
-from llava_multilayer.conversion.conversion_utils import load_tokenizer_with_image_token
+from llava_multilayer.conversion.components import load_tokenizer_with_image_token
 from llava_multilayer.training import load_recipe
+
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "commands" / "demo_data" / "original"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -117,10 +128,10 @@ def make_processor(image_size: int, patch_size: int) -> LlavaMultiLayerProcessor
     )
 
 
-def data_seconds_per_record(model, args) -> float:
-    """Seconds per record of dataset + collator (median over rounds of `args.data_records` records)."""
-    vision = model.config.vision_config
-    processor = make_processor(vision.image_size, vision.patch_size)
+def data_seconds_per_record(args) -> float:
+    """Seconds per record of dataset + collator (median over rounds of `args.data_records` records), at
+    `args.data_image_size` px."""
+    processor = make_processor(args.data_image_size, 14)
     recipe = load_recipe("finetune", family="mmfuser")
     with tempfile.TemporaryDirectory() as folder:
         records = make_records(Path(folder), args.data_records, args.seed)
@@ -150,10 +161,62 @@ def prepare_baseline(llava) -> None:
         parameter.requires_grad_(not name.startswith("model.vision_tower."))
 
 
-def step(model, batch, device) -> float:
-    """Seconds of one training step (forward with labels + backward), gradients cleared before."""
+def step(model, batch, device: torch.device) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one training step: forward with labels + backward, gradients
+    cleared before. The device is synchronised before and after."""
     model.zero_grad(set_to_none=True)
-    return _common.time_call(lambda: model(**batch).loss.backward(), device)
+    _common.synchronize(device)
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    model(**batch).loss.backward()
+    _common.synchronize(device)
+    return time.process_time() - cpu_start, time.perf_counter() - wall_start
+
+
+def step_flops(model, batch) -> int:
+    """FLOPs of one training step (forward with labels + backward) as `torch.utils.flop_counter.FlopCounterMode`
+    counts them: matmuls, convolutions and attention (element-wise ops, normalisation and `grid_sample` are not
+    counted). Independent of the machine's load: the noise-free part of the comparison."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**batch).loss.backward()
+    return int(counter.get_total_flops())
+
+
+def bracketed_rounds(steps: dict, baseline: str, rounds: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Runs `baseline` before, between and after the candidates of every round (L c1 L c2 ... L, the candidates'
+    order rotating every round); `steps[name]()` returns `(cpu_s, wall_s)`.
+
+    Returns per name its timed `cpu` and `wall` seconds, and per candidate `cpu_ratio` / `wall_ratio`: each of its
+    steps divided by the mean of the two baseline steps around it (`rounds` values each).
+    """
+    candidates = [name for name in steps if name != baseline]
+    results = {name: {"cpu": [], "wall": []} for name in steps}
+    for name in candidates:
+        results[name].update(cpu_ratio=[], wall_ratio=[])
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(candidates)
+        before = steps[baseline]()
+        for name in candidates[shift:] + candidates[:shift]:
+            seconds = steps[name]()
+            after = steps[baseline]()
+            if round_index >= warmup:
+                for clock, index in (("cpu", 0), ("wall", 1)):
+                    results[name][clock].append(seconds[index])
+                    results[baseline][clock].append(before[index])
+                    results[name][f"{clock}_ratio"].append(2 * seconds[index] / (before[index] + after[index]))
+            before = after
+    return results
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """(25th, 75th) percentiles; both the value itself for one value."""
+    if len(values) == 1:
+        return values[0], values[0]
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, high
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,9 +230,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-records", type=int, default=32, help="Records timed per data round (default: 32).")
     parser.add_argument("--fusion-types", nargs="+", choices=TRAINED_FUSION_TYPES, default=list(TRAINED_FUSION_TYPES))
     parser.add_argument("--attn", default="sdpa", help="attn_implementation of the language models (default: sdpa).")
+    parser.add_argument(
+        "--image-size", type=int, help="Tower input size of the timed models (default: 336; 84 with --quick)."
+    )
+    parser.add_argument(
+        "--data-image-size",
+        type=int,
+        default=336,
+        help="Image size of the data pipeline (default: 336, also --quick).",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["auto", "cpu", "wall"],
+        default="auto",
+        help="Clock of the reported ratios (default auto: process CPU time on CPU, wall time on CUDA).",
+    )
     args = parser.parse_args(argv)
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
     device, dtype = _common.setup(args)
     machine = _common.machine_info(device)
+    clock = ("wall" if device.type == "cuda" else "cpu") if args.clock == "auto" else args.clock
     if args.llm_layers is None:
         args.llm_layers = 3 if args.quick else (32 if device.type == "cuda" else 2)
     llava, models = end_to_end.build_models(args, device, dtype)
@@ -180,50 +261,75 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model in models.items():
         recipe = load_recipe("finetune", model, family=FAMILIES[name])
         prepared[name] = recipe.prepare_model(model).train()
-    batches = {name: training_batch(model, args, device, dtype, num_image_tokens) for name, model in models.items()}
     baseline_batch = training_batch(llava, args, device, dtype, num_image_tokens)
+    batches = {}
+    for name, model in models.items():
+        # The same ids and pixels as the baseline; IGVA adds its instruction.
+        batches[name] = {**training_batch(model, args, device, dtype, num_image_tokens), **baseline_batch}
 
-    times = {name: [] for name in ["llava", *prepared]}
-    order = list(times)
-    for round_index in range(args.warmup + args.repeats):
-        shift = round_index % len(order)
-        for name in order[shift:] + order[:shift]:
-            seconds = (
-                step(llava, baseline_batch, device) if name == "llava" else step(prepared[name], batches[name], device)
-            )
-            if round_index >= args.warmup:
-                times[name].append(seconds)
-    baseline = _common.median(times["llava"])
-    data_per_record = data_seconds_per_record(llava, args)
+    steps = {"llava": lambda: step(llava, baseline_batch, device)}
+    for name in prepared:
+        steps[name] = lambda name=name: step(prepared[name], batches[name], device)
+    times = bracketed_rounds(steps, "llava", args.repeats, args.warmup)
+    flops = {"llava": step_flops(llava, baseline_batch)}
+    flops.update({name: step_flops(prepared[name], batches[name]) for name in prepared})
+    baseline = _common.median(times["llava"][clock])
+    data_per_record = data_seconds_per_record(args)
     data_per_batch = data_per_record * args.batch_size
     rows = [
-        {"name": "llava (transformers)", "step_s": baseline, "ratio": 1.0, "data_share": data_per_batch / baseline}
+        {
+            "name": "llava (transformers)",
+            "step_s": baseline,
+            "ratio": 1.0,
+            "gflops": flops["llava"] / 1e9,
+            "flop_ratio": 1.0,
+            "data_share": data_per_batch / baseline,
+        }
     ]
     targets = []
     for name in prepared:
-        ratio = _common.ratio_of_rounds(times[name], times["llava"])
-        step_seconds = _common.median(times[name])
+        ratios = times[name][f"{clock}_ratio"]
+        ratio = _common.median(ratios)
+        low, high = quartiles(ratios)
+        step_seconds = _common.median(times[name][clock])
         rows.append(
-            {"name": name, "step_s": step_seconds, "ratio": ratio, "data_share": data_per_batch / step_seconds}
+            {
+                "name": name,
+                "step_s": step_seconds,
+                "ratio": ratio,
+                "ratio_p25": low,
+                "ratio_p75": high,
+                "wall_ratio": _common.median(times[name]["wall_ratio"]),
+                "gflops": flops[name] / 1e9,
+                "flop_ratio": flops[name] / flops["llava"],
+                "data_share": data_per_batch / step_seconds,
+            }
         )
         if name in EXTERNAL:
             targets.append(_common.check_target(f"training step ratio {name} / llava", ratio, 1.05))
     targets.append(_common.check_target("data time per batch / llava step time", data_per_batch / baseline, 1.0))
     _common.print_table(
         f"Training step (batch {args.batch_size}, {num_image_tokens} image + {args.prompt_tokens} text tokens, "
-        f"{args.llm_layers} LLM layers, {dtype}) and data pipeline ({1 / data_per_record:.1f} records/s)",
+        f"{args.llm_layers} LLM layers, {dtype}, {args.repeats} bracketed ratios, {clock} clock) and data pipeline "
+        f"({1 / data_per_record:.1f} records/s at {args.data_image_size} px)",
         rows,
         [
             ("name", "model", "s"),
-            ("step_s", "step (s)", ".4f"),
-            ("ratio", "vs llava", ".3f"),
-            ("data_share", "data / step", ".3f"),
+            ("step_s", f"step ({clock} s)", ".4f"),
+            ("ratio", "vs llava (median)", ".3f"),
+            ("ratio_p25", "p25", ".3f"),
+            ("ratio_p75", "p75", ".3f"),
+            ("wall_ratio", "wall-clock ratio", ".3f"),
+            ("gflops", "GFLOP", ".1f"),
+            ("flop_ratio", "FLOP ratio", ".4f"),
+            ("data_share", "data / step", ".4f"),
         ],
     )
     _common.print_targets(targets)
     payload = {
         "benchmark": "training",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "clock": clock,
         "machine": machine,
         "data_records_per_second": 1 / data_per_record,
         "rows": rows,

@@ -23,6 +23,7 @@
     llava-multilayer merge-lora --adapter-dir LORA --output-dir MERGED
     llava-multilayer push OUT USER/REPO                      # upload a converted or merged directory
     llava-multilayer evaluate OUT --tasks pope,mme           # lmms-eval scores (needs the [eval] extra)
+    llava-multilayer serve OUT [--ui]                        # OpenAI-compatible endpoint, or a web chat demo
 
 `llava-multilayer COMMAND --help` describes each command. Heavy modules (torch, transformers, peft) are imported
 only by the command that needs them. Mistakes are reported in one paragraph (exit status 2 for a usage error, 1
@@ -50,14 +51,19 @@ DEFERRED_COMMANDS: dict[str, tuple[str, str, str, str, str]] = {
         "llava_multilayer.commands.finetune",
         "add_finetune_arguments",
         "run_finetune",
-        "LoRA / QLoRA finetuning with peft and the transformers Trainer.",
+        "LoRA / QLoRA finetuning with peft on your own data: LoRA on the LLM's self-attention and MLP, every "
+        "fusion module (I_M cross-fusion included) trained in full. To reproduce a paper's LoRA run (the original "
+        "targets, optimizer groups and data pipeline) use `train --recipe lora` (docs/training.md).",
         "pip install 'llava-multilayer[peft]'",
     ),
     "train": (
         "llava_multilayer.commands.train",
         "add_train_arguments",
         "run_train",
-        "Train one stage of a paper's recipe (stage 1 alignment, stage 2 finetuning, LoRA, QLoRA).",
+        "Train one stage of a paper's recipe (stage 1 alignment, stage 2 finetuning, LoRA, QLoRA) as the original "
+        "code did. `--recipe lora` is the original's LoRA: adapters on every LLM linear layer, I_M cross-fusion "
+        "projections included, its gates frozen, so it needs a stage-1 model; to adapt a converted or upcycled "
+        "model to your own data with every fusion module trained in full, use `finetune` (docs/training.md).",
         "pip install 'llava-multilayer[peft]'",
     ),
     "merge-lora": (
@@ -91,7 +97,7 @@ def _run_deferred(name: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, generate, inspect_checkpoint, push
+    from . import demo, generate, inspect_checkpoint, push, serve
 
     parser = argparse.ArgumentParser(
         prog="llava-multilayer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, _, help_text, _) in DEFERRED_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
     add("push", "Upload a converted or merged directory to the Hub.", push.add_push_arguments, push.run_push)
+    add(
+        "serve",
+        "Serve an OpenAI-compatible chat-completions endpoint (vLLM or transformers), or a web chat demo (--ui).",
+        serve.add_serve_arguments,
+        serve.run_serve,
+        serve.__doc__,
+    )
     return parser
 
 

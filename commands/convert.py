@@ -18,98 +18,28 @@
 
 The family is read from the checkpoint's `config.json` (from `--pretrain-dir` when that is given: a pretraining-stage
 directory, whose `--input-dir` is then the base language model). Each family converter
-(`llava_multilayer.conversion.convert_<family>_to_hf`) exposes `detect(original_config) -> bool`; exactly one must
-accept the config, or `--family` names it. Every other flag goes unchanged to that converter's `main`;
+(`llava_multilayer.conversion.convert_<family>_to_hf`, listed in `llava_multilayer.conversion.families`) exposes
+`detect(original_config) -> bool`; exactly one must accept the config, or `--family` names it (the error names the
+field at fault when a config almost matches a family). Every other flag goes unchanged to that converter's `main`;
 `llava-multilayer convert --help` lists the common flags and, grouped, those of each family.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
-from types import ModuleType
+
+from llava_multilayer.conversion.families import (
+    FAMILY_MODULES,
+    UnknownFamilyError,
+    available_family_modules,
+    detect_family,
+    family_of_directory,
+    load_family_module,
+)
 
 from .errors import CommandError, check_output_dir, is_repo_id
-
-#: Family name -> module of its converter, in detection order.
-FAMILY_MODULES = {
-    "mmfuser": "llava_multilayer.conversion.convert_mmfuser_to_hf",
-    "layer_select_fuse": "llava_multilayer.conversion.convert_layer_select_fuse_to_hf",
-    "igva": "llava_multilayer.conversion.convert_igva_to_hf",
-}
-
-
-class UnknownFamilyError(ValueError):
-    """No converter (or more than one) accepts a checkpoint's config; the message says what was looked at."""
-
-
-def load_family_module(family: str) -> ModuleType:
-    """Imports the converter module of `family`.
-
-    Raises:
-        ValueError: `family` is not one of [`FAMILY_MODULES`].
-        ModuleNotFoundError: the converter module is not part of this installation.
-    """
-    if family not in FAMILY_MODULES:
-        raise ValueError(f"Unknown family {family!r}; known families: {', '.join(FAMILY_MODULES)}.")
-    return importlib.import_module(FAMILY_MODULES[family])
-
-
-def _available_family_modules() -> tuple[dict[str, ModuleType], dict[str, str]]:
-    """The importable converter modules, and for the others the reason they could not be imported."""
-    modules, unavailable = {}, {}
-    for family, module_name in FAMILY_MODULES.items():
-        try:
-            modules[family] = load_family_module(family)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            unavailable[family] = f"{module_name} is not installed"
-    return modules, unavailable
-
-
-def _describe_config(original_config: dict) -> str:
-    """The fields of an original config that are not plain LLaMA fields: what tells the families apart."""
-    from transformers import AutoConfig
-
-    llama_keys = set(AutoConfig.for_model("llama").to_dict())
-    extra = sorted(key for key in original_config if key not in llama_keys)
-    identity = {key: original_config.get(key) for key in ("model_type", "architectures")}
-    return f"{identity}; non-LLaMA fields: {extra or 'none'}"
-
-
-def detect_family(original_config: dict, source: str = "config.json") -> str:
-    """The family whose converter's `detect` accepts `original_config` (the dict of an original config.json).
-
-    Raises:
-        UnknownFamilyError: no converter, or more than one, accepts the config. The message names the file, the
-            families checked, the converters that are not installed, and the config's distinguishing fields.
-    """
-    modules, unavailable = _available_family_modules()
-    matches = [family for family, module in modules.items() if module.detect(original_config)]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise UnknownFamilyError(
-            f"{source} is accepted by the converters of several families ({', '.join(matches)}); pass --family to "
-            f"choose one. Config: {_describe_config(original_config)}."
-        )
-    missing = f" Not checked (converter missing): {'; '.join(unavailable.values())}." if unavailable else ""
-    raise UnknownFamilyError(
-        f"{source} is not a checkpoint of a known family: the `detect` functions of "
-        f"{', '.join(f'{family} ({FAMILY_MODULES[family]})' for family in modules)} all rejected it.{missing} "
-        f"Config: {_describe_config(original_config)}. Pass the directory written by the original MMFuser, "
-        "Layer_Select_Fuse or IGVA training code, or --family to force a converter."
-    )
-
-
-def family_of_directory(directory: str | Path) -> str:
-    """[`detect_family`] applied to `directory/config.json`."""
-    from llava_multilayer.conversion.conversion_utils import load_original_config
-
-    return detect_family(load_original_config(directory), f"{Path(directory) / 'config.json'}")
 
 
 PROG = "llava-multilayer convert"
@@ -117,7 +47,7 @@ PROG = "llava-multilayer convert"
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of `convert`: the common ones, then those of each family, grouped."""
-    from llava_multilayer.conversion.conversion_utils import add_common_arguments
+    from llava_multilayer.conversion.cli import add_common_arguments
 
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--family", choices=sorted(FAMILY_MODULES), help="Skip auto-detection and use this family's converter."
     )
     add_common_arguments(parser, required=False)
-    modules, _ = _available_family_modules()
+    modules, _ = available_family_modules()
     for family, module in modules.items():
         if module.add_arguments is not None:
             module.add_arguments(parser.add_argument_group(f"{family} only ({FAMILY_MODULES[family]})"))

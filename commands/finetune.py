@@ -58,7 +58,7 @@ from llava_multilayer import (
     LlavaMultiLayerProcessor,
 )
 from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
-from llava_multilayer.conversion.conversion_utils import describe_location
+from llava_multilayer.conversion.pipeline import describe_location
 from llava_multilayer.conversion.model_card import write_merged_model_card
 from llava_multilayer.conversion.output_dir import atomic_output_dir, created_parents, remove_empty
 

@@ -119,7 +119,7 @@ def _safetensors_metadata(path: Path) -> dict[str, tuple[list[int], str]]:
 
 
 def _torch_file_metadata(path: Path) -> dict[str, tuple[list[int], str]]:
-    from llava_multilayer.conversion.conversion_utils import load_torch_file
+    from llava_multilayer.conversion.reading import load_torch_file
 
     return {
         key: (list(tensor.shape), str(tensor.dtype).replace("torch.", ""))
@@ -241,7 +241,7 @@ def _original_tensors(directory: Path) -> tuple[str, list[Path], dict[str, tuple
     A full checkpoint is read like the converters read it; a pretraining-stage directory (no language model, only
     `*.bin` module files such as `mm_projector.bin`) is read file by file.
     """
-    from llava_multilayer.conversion.conversion_utils import CheckpointReader, ConversionError
+    from llava_multilayer.conversion.reading import CheckpointReader, ConversionError
 
     try:
         reader = CheckpointReader(directory)
@@ -262,7 +262,7 @@ def _original_tensors(directory: Path) -> tuple[str, list[Path], dict[str, tuple
 def describe_original(path: str | Path) -> dict:
     """What `llava-multilayer convert` would do with an original checkpoint directory; weights are not loaded
     (safetensors headers only)."""
-    from llava_multilayer.conversion.conversion_utils import load_original_config
+    from llava_multilayer.conversion.reading import load_original_config
     from transformers import AutoConfig
 
     from .convert import FAMILY_MODULES, family_of_directory
@@ -476,7 +476,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     check_path(args.path)
-    from llava_multilayer.conversion.conversion_utils import ConversionError
+    from llava_multilayer.conversion.reading import ConversionError
 
     from .convert import UnknownFamilyError
 

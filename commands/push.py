@@ -41,7 +41,7 @@ def hub_is_offline() -> bool:
 
 
 def upload(directory: str, repo_id: str, private: bool = False, commit_message: str | None = None) -> str:
-    """Uploads `directory` (see `conversion_utils.push_to_hub`) and returns the repo URL.
+    """Uploads `directory` (see `llava_multilayer.conversion.hub.push_to_hub`) and returns the repo URL.
 
     Raises:
         CommandError: the directory is no checkpoint, the Hub is off (HF_HUB_OFFLINE=1) or the upload failed; the
@@ -62,7 +62,7 @@ def upload(directory: str, repo_id: str, private: bool = False, commit_message: 
             f"huggingface_hub in offline mode (HF_HUB_OFFLINE=1), so nothing was uploaded; {directory} is complete",
             f"once online, run `HF_HUB_OFFLINE=0 {retry}`.",
         )
-    from llava_multilayer.conversion.conversion_utils import push_to_hub
+    from llava_multilayer.conversion.hub import push_to_hub
 
     try:
         return push_to_hub(directory, repo_id, private=private, commit_message=commit_message)

@@ -95,7 +95,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--resume-from-checkpoint", nargs="?", const=True, help="A checkpoint-N dir, or the last one.")
     parser.add_argument("--seed", type=int, default=42, help="(default: 42).")
-    parser.add_argument("--deepspeed", help="DeepSpeed JSON config (examples/deepspeed/zero2.json, zero3.json).")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON config (examples/deepspeed_zero2.json, _zero3.json).")
     parser.add_argument("--dataloader-num-workers", type=int, default=0, help="(default: 0).")
     parser.add_argument(
         "--report-to", default="none", help="Trainer loggers, e.g. tensorboard, wandb (default: none)."

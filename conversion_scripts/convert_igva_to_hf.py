@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,37 +53,35 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerInstructionProcessor
-from llava_multilayer.instruction_guided_fusion_llava_multilayer import InstructionEncoder
-from llava_multilayer.conversion.conversion_utils import (
-    ORIGINAL_VISION_TOWER_PREFIX,
+from llava_multilayer.conversion.components import num_image_tokens, text_config_from_original
+from llava_multilayer.conversion.key_rules import Drop, KeyRules, key_mapping
+from llava_multilayer.conversion.llava_original import (
+    EMBEDDED_TOWER_RULES,
+    LANGUAGE_MODEL_RULES,
+    Detection,
+    FamilyConversion,
+    FamilyInputs,
+    OriginalFamily,
+    Stage,
+    check_llava_settings,
+    convert_original,
+)
+from llava_multilayer.conversion.llava_original import main as convert_main
+from llava_multilayer.conversion.pipeline import ConversionReport, describe_location
+from llava_multilayer.conversion.reading import (
     CheckpointReader,
     ConversionError,
-    ConversionReport,
-    Drop,
-    KeyMapping,
     TensorDictReader,
-    _load_json,
-    converter_parser,
-    describe_location,
-    build_image_processor,
-    build_processor,
-    finish_command,
-    fixture_parity_check,
-    generation_config_from_original,
-    load_original_config,
-    load_tokenizer_with_image_token,
+    load_json,
     load_torch_file,
-    load_vision_config,
-    num_image_tokens,
     resolve_local_dir,
-    run_conversion,
-    text_config_from_original,
 )
+from llava_multilayer.instruction_guided_fusion_llava_multilayer import InstructionEncoder
+
 
 logger = logging.getLogger(__name__)
 
 FAMILY = "igva"
-DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 DEFAULT_SENTENCE_ENCODER = "sentence-transformers/all-mpnet-base-v2"
 
 _SENTENCE_TRANSFORMERS_MODULES = ("Transformer", "Pooling", "Normalize")
@@ -98,9 +95,15 @@ _POOLING_MODES = (
 )
 
 
-def detect(original_config: dict) -> bool:
-    """True iff `original_config` (an original config.json) was written by IGVA's training code."""
-    return "vit_aggregate_groups" in original_config and "vit_base_layer" in original_config
+#: IGVA configs are recognised by the fork's layer-group fields.
+DETECTION = Detection(
+    markers=("vit_aggregate_groups", "vit_base_layer"),
+    required={
+        "vit_aggregate_groups": (lambda value: True, "the groups of vision layers the aggregator weights"),
+        "vit_base_layer": (lambda value: True, "the vision layer whose patches come first"),
+    },
+)
+detect = DETECTION.matches
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,9 +154,6 @@ def _check_supported(original: dict) -> None:
             f"image_aspect_ratio={aspect_ratio!r} is not supported: only 'pad' and 'square' work in the original IGVA "
             "code (its anyres path crashes)."
         )
-    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
-        if original.get(flag):
-            raise ConversionError(f"{flag}=true is not supported (IGVA trains with it false).")
     if not isinstance(original.get("vit_base_layer"), int):
         raise ConversionError(f"`vit_base_layer` must be an int, got {original.get('vit_base_layer')!r}.")
 
@@ -200,7 +200,7 @@ def load_sentence_encoder(directory: Path) -> SentenceEncoder:
             f"{directory} has no modules.json: --sentence-encoder must be a sentence-transformers directory (such as "
             f"{DEFAULT_SENTENCE_ENCODER}), so that its pooling and normalisation can be checked."
         )
-    modules = _load_json(modules_path)
+    modules = load_json(modules_path)
     if not isinstance(modules, list) or not all(isinstance(entry, dict) for entry in modules):
         raise ConversionError(f"{modules_path} must be a list of module entries.")
     kinds = tuple(_module_kind(entry) for entry in modules)
@@ -208,14 +208,14 @@ def load_sentence_encoder(directory: Path) -> SentenceEncoder:
         raise ConversionError(
             f"{modules_path} describes the pipeline {list(kinds)}, but the converted model computes "
             f"{list(_SENTENCE_TRANSFORMERS_MODULES)} (mean pooling over the attended tokens, then L2 normalisation), "
-            "as sentence-transformers/all-mpnet-base-v2 does. Refusing to convert an encoder that would give different "
-            "instruction embeddings."
+            "as sentence-transformers/all-mpnet-base-v2 does. Refusing to convert an encoder that would give "
+            "different instruction embeddings."
         )
     transformer_dir = directory / modules[0].get("path", "")
     pooling_path = directory / modules[1].get("path", "") / "config.json"
     if not pooling_path.is_file():
         raise ConversionError(f"{directory}: the Pooling module has no {pooling_path.relative_to(directory)}.")
-    pooling = _load_json(pooling_path)
+    pooling = load_json(pooling_path)
     enabled = sorted(mode for mode in _POOLING_MODES if pooling.get(mode))
     if enabled != ["pooling_mode_mean_tokens"]:
         raise ConversionError(
@@ -231,7 +231,7 @@ def load_sentence_encoder(directory: Path) -> SentenceEncoder:
             f"{transformer_dir} has no sentence_bert_config.json: its `max_seq_length` (the instruction length limit) "
             "cannot be read."
         )
-    bert_config = _load_json(bert_config_path)
+    bert_config = load_json(bert_config_path)
     max_seq_length = bert_config.get("max_seq_length")
     if not isinstance(max_seq_length, int) or max_seq_length < 1:
         raise ConversionError(f"{bert_config_path} must give a positive int `max_seq_length`, got {max_seq_length!r}.")
@@ -256,122 +256,46 @@ def load_sentence_encoder(directory: Path) -> SentenceEncoder:
         tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
         if tokenizer("ABC")["input_ids"] != tokenizer("abc")["input_ids"]:
             raise ConversionError(
-                f"{bert_config_path} sets do_lower_case=true but the tokenizer of {transformer_dir} is case-sensitive; "
-                "the converted processor does not lower-case instructions itself."
+                f"{bert_config_path} sets do_lower_case=true but the tokenizer of {transformer_dir} is "
+                "case-sensitive; the converted processor does not lower-case instructions itself."
             )
     return encoder
 
 
-def sentence_encoder_key_mapping(key: str) -> str | Drop:
-    """Keys of the encoder's transformer model (`MPNetModel` state dict) -> `model.instruction_encoder.encoder.*`."""
-    if key.startswith("pooler."):
-        return Drop(
-            "pooler of the sentence encoder's transformer: sentence-transformers mean-pools the token embeddings and "
-            "never uses it"
-        )
-    if key.endswith("embeddings.position_ids"):
-        return Drop("position_ids buffer (recomputed from the input ids)")
-    return "model.instruction_encoder.encoder." + key
+#: The sentence encoder's transformer (`MPNetModel` state dict) -> `model.instruction_encoder.encoder.*`.
+SENTENCE_ENCODER_RULES: KeyRules = {
+    r"pooler\..+": Drop(
+        "pooler of the sentence encoder's transformer: sentence-transformers mean-pools the token embeddings and "
+        "never uses it"
+    ),
+    r".*embeddings\.position_ids": Drop("position_ids buffer (recomputed from the input ids)"),
+    r"(.+)": r"model.instruction_encoder.encoder.\1",
+}
+sentence_encoder_key_mapping = key_mapping(SENTENCE_ENCODER_RULES)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Key mappings
 # --------------------------------------------------------------------------------------------------------------
 
-_LLM_KEY = re.compile(r"^model\.(embed_tokens|layers|norm)\.")
-_AGGREGATOR_BLOCK_KEY = re.compile(r"^model\.vision_aggregator\.transformers\.(\d+)\.(.+)$")
-_AGGREGATOR_KEY = re.compile(r"^model\.vision_aggregator\.((?:sentence_proj|cls_proj|linear)\..+)$")
-_PROJECTOR_KEY = re.compile(r"^model\.mm_projector\.([02])\.(weight|bias)$")
+#: The MLP projector `mm_projector` (Linear, GELU, Linear), whose input is [base-layer patches, fused patches].
+PROJECTOR_RULES: KeyRules = {
+    r"model\.mm_projector\.0\.(weight|bias)": r"model.multi_modal_projector.linear_1.\1",
+    r"model\.mm_projector\.2\.(weight|bias)": r"model.multi_modal_projector.linear_2.\1",
+}
 
-VISION_TOWER_DROP_REASON = "frozen tower copy, ignored by the original loader (the tower comes from --vision-tower)"
+#: The instruction-guided aggregator `vision_aggregator`: its transformer blocks and projections.
+AGGREGATOR_RULES: KeyRules = {
+    r"model\.vision_aggregator\.transformers\.(\d+)\.(.+)": r"model.multi_modal_projector.aggregator.blocks.\1.\2",
+    r"model\.vision_aggregator\.((?:sentence_proj|cls_proj|linear)\..+)": r"model.multi_modal_projector.aggregator.\1",
+}
 
-
-ROTARY_DROP_REASON = "rotary inv_freq buffer (recomputed from the config)"
-
-
-def original_key_mapping(key: str) -> str | Drop | None:
-    """Original IGVA keys -> converted keys (`None` for a key the original model does not have)."""
-    if key.endswith("rotary_emb.inv_freq"):
-        return Drop(ROTARY_DROP_REASON)
-    if _LLM_KEY.match(key):
-        return "model.language_model." + key[len("model.") :]
-    if key == "lm_head.weight":
-        return key
-    match = _PROJECTOR_KEY.match(key)
-    if match:
-        return f"model.multi_modal_projector.linear_{1 if match[1] == '0' else 2}.{match[2]}"
-    match = _AGGREGATOR_BLOCK_KEY.match(key)
-    if match:
-        return f"model.multi_modal_projector.aggregator.blocks.{match[1]}.{match[2]}"
-    match = _AGGREGATOR_KEY.match(key)
-    if match:
-        return "model.multi_modal_projector.aggregator." + match[1]
-    if key.startswith("model.vision_tower."):
-        return Drop(VISION_TOWER_DROP_REASON)
-    return None
-
-
-def base_language_model_key_mapping(key: str) -> str | None:
-    """Keys of a plain LLaMA checkpoint (the base LLM of a stage-1 conversion) -> converted keys."""
-    if key.endswith("rotary_emb.inv_freq"):
-        return Drop(ROTARY_DROP_REASON)
-    if _LLM_KEY.match(key):
-        return "model.language_model." + key[len("model.") :]
-    if key == "lm_head.weight":
-        return key
-    return None
-
-
-def pretrain_projector_key_mapping(key: str) -> str | None:
-    """Keys of a stage-1 `mm_projector.bin` -> converted keys."""
-    match = _PROJECTOR_KEY.match(key)
-    if match:
-        return f"model.multi_modal_projector.linear_{1 if match[1] == '0' else 2}.{match[2]}"
-    return None
-
-
-def vision_tower_key_mapping(key: str) -> str | Drop | None:
-    """Keys of a CLIP tower directory (`CLIPVisionModel` or a full `CLIPModel`) -> `model.vision_tower.*`."""
-    if key.endswith("position_ids"):
-        return Drop("position_ids buffer of the vision tower (recomputed)")
-    if key.startswith(("text_model.", "text_projection.", "visual_projection.")) or key == "logit_scale":
-        return Drop("CLIP text tower / contrastive heads: LLaVA uses only the vision model")
-    if key.startswith("vision_model."):
-        return "model.vision_tower." + key[len("vision_model.") :]
-    if key.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")):
-        return "model.vision_tower." + key
-    return None
-
-
-def _read_tensors(reader: CheckpointReader, keys: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors `keys` of `reader`, reading each `.bin` shard at most once."""
-    if reader.format == "safetensors":
-        return {key: reader.get_tensor(key) for key in keys}
-    return {key: tensor for key, tensor in reader.iter_tensors(progress=False) if key in keys}
-
-
-def _warn_if_checkpoint_tower_differs(reader: CheckpointReader, tower: CheckpointReader) -> None:
-    """The original checkpoint's (ignored) tower copy should equal the tower that is converted; say so if not."""
-    pairs = {}
-    for key in reader.keys():
-        if key.startswith(ORIGINAL_VISION_TOWER_PREFIX) and not key.endswith("position_ids"):
-            rest = key[len(ORIGINAL_VISION_TOWER_PREFIX) :]
-            pairs[key] = next((name for name in (f"vision_model.{rest}", rest) if name in tower), None)
-    stored = _read_tensors(reader, set(pairs))
-    loaded = _read_tensors(tower, {name for name in pairs.values() if name is not None})
-    differing = [
-        key
-        for key, name in pairs.items()
-        if name is None or not torch.equal(stored[key].float(), loaded[name].float())
-    ]
-    if differing:
-        logger.warning(
-            "%d vision-tower tensor(s) stored in the original checkpoint differ from --vision-tower (e.g. %s). The "
-            "original code ignores the stored copy and loads `mm_vision_tower`, so the converted model uses "
-            "--vision-tower; check that it is the tower the model was trained with.",
-            len(differing),
-            differing[0],
-        )
+#: Original IGVA keys -> converted keys (`None` for a key the original model does not have).
+original_key_mapping = key_mapping(LANGUAGE_MODEL_RULES, PROJECTOR_RULES, AGGREGATOR_RULES, EMBEDDED_TOWER_RULES)
+#: Keys of a plain LLaMA checkpoint (the base LLM of a stage-1 conversion) -> converted keys.
+base_language_model_key_mapping = key_mapping(LANGUAGE_MODEL_RULES)
+#: Keys of a stage-1 `mm_projector.bin` -> converted keys.
+pretrain_projector_key_mapping = key_mapping(PROJECTOR_RULES)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -388,19 +312,16 @@ def build_config(
 ) -> LlavaMultiLayerConfig:
     """The converted model's config from an original IGVA config.json."""
     _check_supported(original)
-    mm_hidden_size = original.get("mm_hidden_size")
-    if mm_hidden_size is not None and mm_hidden_size != vision_config.hidden_size:
-        raise ConversionError(
-            f"The original config has mm_hidden_size={mm_hidden_size}, but the vision tower given has hidden_size "
-            f"{vision_config.hidden_size}: pass the tower the model was trained with (--vision-tower)."
-        )
+    check_llava_settings(original, "IGVA", vision_config)
     groups = parse_layer_groups(original.get("vit_aggregate_groups"))
     by_average = _aggregate_by_average(original)
     igva = {}
     if not by_average:
         missing = [
             key
-            for key in ("aggregator_num_transformers", "aggregator_num_heads", "aggregator_hidden_dim", "sentence_embed_dim")
+            for key in (
+                "aggregator_num_transformers", "aggregator_num_heads", "aggregator_hidden_dim", "sentence_embed_dim"
+            )
             if not isinstance(original.get(key), int)
         ]
         if missing:
@@ -440,129 +361,60 @@ def build_config(
         raise ConversionError(f"The original IGVA settings do not form a valid config: {error}") from error
 
 
-def convert_igva(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    vision_tower: str | None = None,
-    sentence_encoder: str | None = None,
-    pretrain_dir: str | Path | None = None,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    parity_fixture: str | Path | None = None,
-    max_shard_size: int | None = None,
-    progress: bool = True,
-) -> ConversionReport:
-    """Converts an IGVA checkpoint; see the module docstring.
-
-    Args:
-        input_dir: the finetune (stage 2) checkpoint directory, or with `pretrain_dir` the base LLM directory.
-        vision_tower: local directory or hub id of the CLIP tower (default: the config's `mm_vision_tower`).
-        sentence_encoder: sentence-transformers directory or hub id (default: the config's `sentence_embedder`).
-        pretrain_dir: a stage-1 output directory (config.json + mm_projector.bin).
-    """
-    input_dir = resolve_local_dir(
-        str(input_dir), "base language model" if pretrain_dir is not None else "original checkpoint", "--input-dir"
-    )
-    if (input_dir / "adapter_config.json").is_file():
+def check_original(stage: Stage) -> None:
+    """A pretraining-stage config must average the layer groups (the aggregator is trained in the finetune stage)."""
+    if stage.is_pretrain and not _aggregate_by_average(stage.original):
         raise ConversionError(
-            f"{input_dir} is a LoRA adapter (adapter_config.json): IGVA ships no LoRA recipe and this converter reads "
-            "full checkpoints only; merge the adapter (and non_lora_trainables.bin) into the model first."
-        )
-    config_dir = Path(pretrain_dir) if pretrain_dir is not None else input_dir
-    original = load_original_config(config_dir)
-    if not detect(original):
-        raise ConversionError(
-            f"{config_dir}/config.json is not an IGVA config (no `vit_aggregate_groups`/`vit_base_layer`); use the "
-            "converter of its family."
-        )
-    by_average = _aggregate_by_average(original)
-    if pretrain_dir is not None and not by_average:
-        raise ConversionError(
-            f"--pretrain-dir {pretrain_dir} holds a config with aggregate_by_average=false, i.e. a finetune-stage "
-            "config; convert finetune checkpoints with --input-dir alone."
-        )
-    if pretrain_dir is None and (input_dir / "mm_projector.bin").is_file():
-        raise ConversionError(
-            f"{input_dir} is a stage-1 (pretrain) output without language-model weights: pass it as --pretrain-dir and "
-            "the base LLM directory as --input-dir."
+            f"--pretrain-dir {stage.pretrain_dir} holds a config with aggregate_by_average=false, i.e. a "
+            "finetune-stage config; convert finetune checkpoints with --input-dir alone."
         )
 
-    tower_dir = resolve_local_dir(vision_tower or original.get("mm_vision_tower"), "vision tower", "--vision-tower")
-    vision_config = load_vision_config(tower_dir)
-    if vision_config.model_type != "clip_vision_model":
-        raise ConversionError(
-            f"IGVA uses a CLIP vision tower; {tower_dir} holds a {vision_config.model_type!r} model."
-        )
-    tower_reader = CheckpointReader(tower_dir)
 
+def build(inputs: FamilyInputs) -> FamilyConversion:
+    """The IGVA part of a conversion: config, projector / aggregator / instruction-encoder sources, settings."""
+    stage, tower, original = inputs.stage, inputs.tower, inputs.stage.original
+    if tower.config.model_type != "clip_vision_model":
+        raise ConversionError(
+            f"IGVA uses a CLIP vision tower; {tower.directory} holds a {tower.config.model_type!r} model."
+        )
+    sentence_encoder = inputs.options["sentence_encoder"]
     encoder = None
-    if not by_average:
+    if not _aggregate_by_average(original):
         encoder_dir = resolve_local_dir(
             sentence_encoder or original.get("sentence_embedder"), "sentence encoder", "--sentence-encoder"
         )
         encoder = load_sentence_encoder(encoder_dir)
     elif sentence_encoder is not None:
-        logger.warning("--sentence-encoder is ignored: an aggregate_by_average (stage-1) model has no instruction encoder.")
-
-    text_config = None
-    if pretrain_dir is not None:
-        base_config = load_original_config(input_dir)
-        text_config = text_config_from_original(base_config)
-        for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
-            if key in original and base_config.get(key) != original[key]:
-                raise ConversionError(
-                    f"--input-dir {input_dir} has {key}={base_config.get(key)}, but the pretrain config has "
-                    f"{original[key]}: pass the base LLM the projector was trained on."
-                )
-
-    tokenizer, image_token_id = load_tokenizer_with_image_token(input_dir)
-    config = build_config(original, vision_config, image_token_id, encoder, text_config)
-    image_processor = build_image_processor(tower_dir, pad_to_square=original.get("image_aspect_ratio") == "pad")
-
-    if encoder is not None:
-        instruction_tokenizer = AutoTokenizer.from_pretrained(encoder.transformer_dir)
-        processor = build_processor(
-            config,
-            tokenizer,
-            image_processor,
-            processor_class=LlavaMultiLayerInstructionProcessor,
-            instruction_tokenizer=instruction_tokenizer,
-            instruction_max_length=encoder.max_seq_length,
+        logger.warning(
+            "--sentence-encoder is ignored: an aggregate_by_average (stage-1) model has no instruction encoder."
         )
-    else:
-        processor = build_processor(config, tokenizer, image_processor)
+    config = build_config(original, tower.config, inputs.image_token_id, encoder, inputs.text_config)
 
-    reader = CheckpointReader(input_dir)
-    if pretrain_dir is not None:
-        projector_path = Path(pretrain_dir) / "mm_projector.bin"
+    if stage.is_pretrain:
+        projector_path = stage.pretrain_dir / "mm_projector.bin"
         if not projector_path.is_file():
-            raise ConversionError(f"--pretrain-dir {pretrain_dir} has no mm_projector.bin.")
+            raise ConversionError(f"--pretrain-dir {stage.pretrain_dir} has no mm_projector.bin.")
         projector = TensorDictReader(load_torch_file(projector_path), str(projector_path))
         projector.files = [projector_path]
-        sources: list[tuple[object, KeyMapping]] = [
-            (reader, base_language_model_key_mapping),
-            (projector, pretrain_projector_key_mapping),
-        ]
+        sources = [(inputs.checkpoint, base_language_model_key_mapping), (projector, pretrain_projector_key_mapping)]
     else:
-        _warn_if_checkpoint_tower_differs(reader, tower_reader)
-        sources = [(reader, original_key_mapping)]
-    sources.append((tower_reader, vision_tower_key_mapping))
+        sources = [(inputs.checkpoint, original_key_mapping)]
+    processor_kwargs = {}
     if encoder is not None:
         sources.append((CheckpointReader(encoder.transformer_dir), sentence_encoder_key_mapping))
+        processor_kwargs = {
+            "processor_class": LlavaMultiLayerInstructionProcessor,
+            "instruction_tokenizer": AutoTokenizer.from_pretrained(encoder.transformer_dir),
+            "instruction_max_length": encoder.max_seq_length,
+        }
 
     settings = {
-        "stage": "pretrain (aggregate_by_average)" if by_average else "finetune (instruction-guided aggregator)",
+        "stage": "pretrain (aggregate_by_average)" if encoder is None else "finetune (instruction-guided aggregator)",
         "igva_layer_groups": config.igva_layer_groups,
         "num_groups": len(config.igva_layer_groups),
         "base_layer (vision_feature_layer)": config.vision_feature_layer,
         "concat_order": "[base-layer patches, fused patches]",
         "igva_aggregate_by_average": config.igva_aggregate_by_average,
-        "vision_tower": describe_location(
-            vision_tower or original.get("mm_vision_tower"),
-            "--vision-tower" if vision_tower else "the config's mm_vision_tower",
-            original.get("mm_vision_tower"),
-        ),
         "image_aspect_ratio": original.get("image_aspect_ratio"),
     }
     if encoder is not None:
@@ -580,25 +432,7 @@ def convert_igva(
                 "instruction_max_length": encoder.max_seq_length,
             }
         )
-    name_or_path = original.get("_name_or_path") or ""
-    base_model = [name_or_path] if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) else []
-    return run_conversion(
-        family=FAMILY,
-        config=config,
-        sources=sources,
-        output_dir=output_dir,
-        processor=processor,
-        generation_config=generation_config_from_original(input_dir, image_token_id),
-        dtype=dtype,
-        overwrite=overwrite,
-        verify=verify,
-        parity_check=fixture_parity_check(parity_fixture) if parity_fixture else None,
-        settings=settings,
-        base_model=base_model,
-        source_dir=str(config_dir if pretrain_dir is None else f"{input_dir} + {pretrain_dir}"),
-        progress=progress,
-        **({"max_shard_size": max_shard_size} if max_shard_size else {}),
-    )
+    return FamilyConversion(config=config, sources=sources, settings=settings, processor_kwargs=processor_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -612,27 +446,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+SPEC = OriginalFamily(
+    name=FAMILY,
+    title="an IGVA",
+    detection=DETECTION,
+    pretrain_files=("mm_projector.bin",),
+    build=build,
+    check_original=check_original,
+    add_arguments=add_arguments,
+    options=("sentence_encoder",),
+)
+
+
+def convert_igva(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    vision_tower: str | None = None,
+    sentence_encoder: str | None = None,
+    **kwargs,
+) -> ConversionReport:
+    """Converts an IGVA checkpoint (see the module docstring); `sentence_encoder` is a sentence-transformers
+    directory or hub id (default: the config's `sentence_embedder`), `kwargs` are those of [`convert_original`]
+    (`pretrain_dir`: config.json + mm_projector.bin, `dtype`, `verify`, `parity_fixture`, ...)."""
+    return convert_original(SPEC, input_dir, output_dir, vision_tower, sentence_encoder=sentence_encoder, **kwargs)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = converter_parser(__doc__, add_arguments, prog)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        report = convert_igva(
-            args.input_dir,
-            args.output_dir,
-            vision_tower=args.vision_tower,
-            sentence_encoder=args.sentence_encoder,
-            pretrain_dir=args.pretrain_dir,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            verify=args.verify,
-            parity_fixture=args.parity_fixture,
-            max_shard_size=args.max_shard_size,
-        )
-    except ConversionError as error:
-        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
-    logger.info("Converted %d tensors into %s.", report.num_target_tensors, args.output_dir)
-    finish_command(args, report)
+    convert_main(SPEC, __doc__, argv, prog)
 
 
 if __name__ == "__main__":

@@ -58,29 +58,24 @@ import torch
 from transformers import LlavaImageProcessorPil, PreTrainedConfig
 
 from llava_multilayer import LlavaMultiLayerConfig
-from llava_multilayer.conversion.conversion_utils import (
-    ORIGINAL_VISION_TOWER_PREFIX,
-    CheckpointReader,
-    ConversionError,
-    ConversionReport,
-    Drop,
-    KeyMapping,
-    TensorDictReader,
-    converter_parser,
-    build_image_processor,
-    build_processor,
-    finish_command,
-    fixture_parity_check,
-    generation_config_from_original,
-    load_original_config,
-    load_tokenizer_with_image_token,
-    load_torch_file,
-    load_vision_config,
-    num_image_tokens,
-    resolve_local_dir,
-    run_conversion,
-    text_config_from_original,
+from llava_multilayer.conversion.components import build_image_processor, num_image_tokens, text_config_from_original
+from llava_multilayer.conversion.convert_mmfuser_to_hf import projector_rules as mmfuser_projector_rules
+from llava_multilayer.conversion.key_rules import Drop, KeyMapping, KeyRules, key_mapping
+from llava_multilayer.conversion.llava_original import (
+    EMBEDDED_TOWER_RULES,
+    LANGUAGE_MODEL_RULES,
+    Detection,
+    FamilyConversion,
+    FamilyInputs,
+    OriginalFamily,
+    Stage,
+    check_llava_settings,
+    convert_original,
 )
+from llava_multilayer.conversion.llava_original import main as convert_main
+from llava_multilayer.conversion.pipeline import ConversionReport
+from llava_multilayer.conversion.reading import ConversionError, TensorDictReader, load_torch_file
+
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +109,15 @@ MMFUSER_NUM_HEADS = 16
 MMFUSER_NUM_POINTS = 4
 MMFUSER_LAYER_NORM_EPS = 1e-6
 
-VISION_TOWER_DROP_REASON = (
-    "copy of the frozen vision tower written by the trainer; the original code ignores it and loads the tower named by "
-    "`mm_vision_tower`, which is what the converted model contains (taken from --vision-tower)"
+#: Layer_Select_Fuse configs (`model_type: "llama"`) are recognised by the fork's strategy fields.
+DETECTION = Detection(
+    markers=("layer_fusing_strategy", "layer_using_strategy"),
+    required={
+        "layer_fusing_strategy": (lambda value: isinstance(value, str), f"a string, one of {list(STRATEGIES)}"),
+        "layer_using_strategy": (lambda value: isinstance(value, str), f"a string, one of {list(SELECTIONS)}"),
+    },
 )
-SIGLIP_LAST_LAYER_DROP_REASON = (
-    "last SigLIP encoder layer: the original SigLipVisionModel deletes it at construction, so it never runs"
-)
-SIGLIP_HEAD_DROP_REASON = "SigLIP pooling head: the original tower replaces it by Identity and never uses it"
-
-
-def detect(original_config: dict) -> bool:
-    """True iff `original_config` (an original config.json) was written by Layer_Select_Fuse's training code."""
-    return "layer_fusing_strategy" in original_config and "mm_vision_tower" in original_config
+detect = DETECTION.matches
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,7 +139,8 @@ def check_supported(strategy: str, selection: str, encoder: str | None) -> None:
         )
     if selection not in SELECTIONS:
         raise ConversionError(
-            f"layer_using_strategy={selection!r} is not one of the original code's layer selections {list(SELECTIONS)}."
+            f"layer_using_strategy={selection!r} is not one of the original code's layer selections "
+            f"{list(SELECTIONS)}."
         )
     if encoder is not None and encoder not in ENCODERS:
         raise ConversionError(f"Unknown vision encoder {encoder!r}; expected one of {list(ENCODERS)}.")
@@ -165,9 +157,9 @@ def check_supported(strategy: str, selection: str, encoder: str | None) -> None:
         )
     if encoder == "siglip" and strategy == "E_M":
         raise ConversionError(
-            "layer_fusing_strategy='E_M' with a SigLIP tower cannot run in the original code: SigLIP gives 728 tokens "
-            "per image (the first patch is dropped) but the MMFuser block builds 26x26 = 676 reference points, and the "
-            "forward fails to broadcast. No such checkpoint can exist; only CLIP E_M models are convertible."
+            "layer_fusing_strategy='E_M' with a SigLIP tower cannot run in the original code: SigLIP gives 728 "
+            "tokens per image (the first patch is dropped) but the MMFuser block builds 26x26 = 676 reference points, "
+            "and the forward fails to broadcast. No such checkpoint can exist; only CLIP E_M models are convertible."
         )
 
 
@@ -297,9 +289,6 @@ def _check_original_settings(original: dict) -> None:
             f"mm_vision_select_feature={select_feature!r} is not supported: Layer_Select_Fuse uses 'patch' (drop the "
             "first token)."
         )
-    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
-        if original.get(flag):
-            raise ConversionError(f"{flag}=true is not supported (Layer_Select_Fuse trains with it false).")
 
 
 def encoder_of(vision_config: PreTrainedConfig, tower_name: str | None) -> str:
@@ -380,6 +369,7 @@ def build_config(
         tower: how to name the tower in error messages.
     """
     _check_original_settings(original)
+    check_llava_settings(original, "Layer_Select_Fuse")
     strategy, selection = _strategy_fields(original)
     encoder = encoder_of(tower_config, original.get("mm_vision_tower"))
     check_supported(strategy, selection, encoder)
@@ -414,117 +404,50 @@ def build_config(
 # Key mappings
 # --------------------------------------------------------------------------------------------------------------
 
-_LLM_KEY = re.compile(r"^model\.(embed_tokens|layers|norm)\.")
-_UCROSS_KEY = re.compile(r"^model\.layers\.(\d+)\.ucross_(attn|xattn|mlp|xmlp)\.(.+)$")
-_PROJECTOR_F_KEY = re.compile(r"^model\.mm_projector_f\.(\d+)\.(.+)$")
 _PROJECTORS_KEY = re.compile(r"^model\.mm_projectors\.(\d+)\.(\d+)\.(weight|bias)$")
-_TOWER_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
-_MMFUSER_SCALES = {"gamma1": "cross_attn_scale", "gamma2": "self_attn_scale"}
-_MLP_LINEARS = {"0": "linear_1", "2": "linear_2"}
-_MMFUSER_LINEARS = {"1": "linear_1", "3": "linear_2"}
+
+#: The I_M cross-fusion modules of a fusion layer (`ucross_*`): cross-attention, MLP and their tanh gates.
+UCROSS_RULES: KeyRules = {
+    r"model\.layers\.(\d+)\.ucross_attn\.(.+)": r"model.language_model.layers.\1.cross_attn.\2",
+    r"model\.layers\.(\d+)\.ucross_mlp\.(.+)": r"model.language_model.layers.\1.cross_mlp.\2",
+    r"model\.layers\.(\d+)\.ucross_xattn\.weight": r"model.language_model.layers.\1.cross_attn_gate",
+    r"model\.layers\.(\d+)\.ucross_xmlp\.weight": r"model.language_model.layers.\1.cross_mlp_gate",
+}
+
+#: The external MLP projector `mm_projector_f` (Linear, GELU, Linear) of E_D, I_D and I_M.
+MLP_PROJECTOR_RULES: KeyRules = {
+    r"model\.mm_projector_f\.0\.(.+)": r"model.multi_modal_projector.linear_1.\1",
+    r"model\.mm_projector_f\.2\.(.+)": r"model.multi_modal_projector.linear_2.\1",
+}
+
+#: The internal projectors `mm_projectors.{k}` of I_D and I_M, one per internal vision layer.
+INTERNAL_PROJECTOR_RULES: KeyRules = {
+    r"model\.mm_projectors\.(\d+)\.0\.(weight|bias)": r"model.internal_projectors.\1.linear_1.\2",
+    r"model\.mm_projectors\.(\d+)\.2\.(weight|bias)": r"model.internal_projectors.\1.linear_2.\2",
+}
+
+#: LLaMA keys and the I_M `ucross_*` modules of a fusion layer -> converted keys.
+language_model_key_mapping = key_mapping(UCROSS_RULES, LANGUAGE_MODEL_RULES)
+#: Keys of a plain LLaMA checkpoint (the base LLM of a pretrain-stage conversion) -> converted keys.
+base_language_model_key_mapping = key_mapping(LANGUAGE_MODEL_RULES)
 
 
-def language_model_key_mapping(key: str) -> str | Drop | None:
-    """LLaMA keys (and the I_M `ucross_*` modules of a fusion layer) -> converted keys."""
-    if key == "lm_head.weight":
-        return key
-    if key.endswith("rotary_emb.inv_freq"):
-        return Drop("rotary inv_freq buffer (recomputed from the config)")
-    match = _UCROSS_KEY.match(key)
-    if match:
-        layer, module, rest = match.groups()
-        prefix = f"model.language_model.layers.{layer}."
-        if module in ("xattn", "xmlp"):
-            if rest != "weight":
-                return None
-            return prefix + ("cross_attn_gate" if module == "xattn" else "cross_mlp_gate")
-        return prefix + ("cross_attn." if module == "attn" else "cross_mlp.") + rest
-    if _LLM_KEY.match(key):
-        return "model.language_model." + key[len("model.") :]
-    return None
+def projector_rules(strategy: str) -> KeyRules:
+    """The rules of `model.mm_projector_f.*` / `model.mm_projectors.{k}.*` for `strategy`: E_M's projector is an
+    MMFuser block plus MLP, the others' an MLP; only I_D and I_M have internal projectors."""
+    if strategy == "E_M":
+        return mmfuser_projector_rules("model.mm_projector_f.")
+    return {**MLP_PROJECTOR_RULES, **(INTERNAL_PROJECTOR_RULES if strategy in ("I_D", "I_M") else {})}
 
 
 def projector_key_mapping(strategy: str) -> KeyMapping:
     """`model.mm_projector_f.*` / `model.mm_projectors.{k}.*` -> the converted projectors, for `strategy`."""
-
-    def mapping(key: str) -> str | None:
-        match = _PROJECTOR_F_KEY.match(key)
-        if match:
-            index, rest = match.groups()
-            if strategy == "E_M":
-                if index == "0":
-                    return "model.multi_modal_projector.fuser." + _MMFUSER_SCALES.get(rest, rest)
-                linear = _MMFUSER_LINEARS.get(index)
-            else:
-                linear = _MLP_LINEARS.get(index)
-            return f"model.multi_modal_projector.{linear}.{rest}" if linear else None
-        match = _PROJECTORS_KEY.match(key)
-        if match and strategy in ("I_D", "I_M"):
-            k, index, param = match.groups()
-            linear = _MLP_LINEARS.get(index)
-            return f"model.internal_projectors.{k}.{linear}.{param}" if linear else None
-        return None
-
-    return mapping
+    return key_mapping(projector_rules(strategy))
 
 
 def original_key_mapping(strategy: str) -> KeyMapping:
     """Keys of an original finetune checkpoint -> converted keys (`None` for a key the original model lacks)."""
-    projectors = projector_key_mapping(strategy)
-
-    def mapping(key: str) -> str | Drop | None:
-        if key.startswith(ORIGINAL_VISION_TOWER_PREFIX):
-            return Drop(VISION_TOWER_DROP_REASON)
-        if key.startswith(("model.mm_projector_f.", "model.mm_projectors.")):
-            return projectors(key)
-        return language_model_key_mapping(key)
-
-    return mapping
-
-
-def vision_tower_key_mapping(encoder: str, num_layers: int) -> KeyMapping:
-    """Keys of a tower directory (`CLIPVisionModel`/`SiglipVisionModel`, or a full `CLIPModel`/`SiglipModel`, with
-    or without the `vision_model.` prefix) -> `model.vision_tower.*`; `num_layers` = layers the converted tower runs."""
-
-    def mapping(key: str) -> str | Drop | None:
-        if key.endswith("position_ids"):
-            return Drop("position_ids buffer of the vision tower (recomputed)")
-        if key.startswith(("text_model.", "text_projection.", "visual_projection.")) or key in (
-            "logit_scale",
-            "logit_bias",
-        ):
-            return Drop("text tower / contrastive heads of the image-text model: LLaVA uses only the vision model")
-        rest = key[len("vision_model.") :] if key.startswith("vision_model.") else key
-        if encoder == "siglip" and rest.startswith("head."):
-            return Drop(SIGLIP_HEAD_DROP_REASON)
-        match = _TOWER_LAYER_KEY.match(rest)
-        if match and int(match[1]) >= num_layers:
-            if encoder == "siglip":
-                return Drop(SIGLIP_LAST_LAYER_DROP_REASON)
-            return None
-        if rest.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")):
-            return "model.vision_tower." + rest
-        return None
-
-    return mapping
-
-
-def check_checkpoint_tower(reader: CheckpointReader, tower: CheckpointReader, tower_dir: Path) -> None:
-    """Checks that the tower copy stored in a finetune checkpoint is the tower being converted (compared after
-    rounding the tower to the copy's dtype: the trainer saves bf16)."""
-    for name in ("embeddings.patch_embedding.weight", "embeddings.position_embedding.weight"):
-        stored_key = ORIGINAL_VISION_TOWER_PREFIX + name
-        tower_key = next((key for key in (f"vision_model.{name}", name) if key in tower), None)
-        if stored_key not in reader or tower_key is None:
-            continue
-        stored = reader.get_tensor(stored_key)
-        reference = tower.get_tensor(tower_key)
-        if stored.shape != reference.shape or not torch.equal(stored, reference.to(stored.dtype)):
-            raise ConversionError(
-                f"The vision tower stored in the checkpoint ({stored_key}) differs from the one in {tower_dir}: the "
-                "original code runs the tower named by `mm_vision_tower`, which this model was trained with. Pass "
-                "that tower as --vision-tower."
-            )
+    return key_mapping(EMBEDDED_TOWER_RULES, projector_rules(strategy), UCROSS_RULES, LANGUAGE_MODEL_RULES)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -534,7 +457,9 @@ def check_checkpoint_tower(reader: CheckpointReader, tower: CheckpointReader, to
 _PROJECTOR_FILE = re.compile(r"^mm_projector_(\d+)\.bin$")
 
 
-def read_pretrain_projectors(pretrain_dir: Path, strategy: str, num_projectors: int) -> list[tuple[object, KeyMapping]]:
+def read_pretrain_projectors(
+    pretrain_dir: Path, strategy: str, num_projectors: int
+) -> list[tuple[object, KeyMapping]]:
     """Readers of `mm_projector_f.bin`, `mm_projector_{k}.bin` and `ucross.bin` with their key mappings.
 
     The original saver puts every key *containing* `mm_projectors.{k}` into `mm_projector_{k}.bin`, so
@@ -599,10 +524,11 @@ def read_pretrain_projectors(pretrain_dir: Path, strategy: str, num_projectors: 
                 copy_key = f"{files[k].name}:{key}"
                 copies[copy_key] = tensor
                 copy_reasons[copy_key] = (
-                    f"duplicate of {key} that the original saver's substring match put into {files[k].name}; read from "
-                    f"{files[owner].name}"
+                    f"duplicate of {key} that the original saver's substring match put into {files[k].name}; read "
+                    f"from {files[owner].name}"
                 )
-        sources.append((TensorDictReader(chosen, f"{pretrain_dir}/mm_projector_*.bin"), projector_key_mapping(strategy)))
+        chosen_reader = TensorDictReader(chosen, f"{pretrain_dir}/mm_projector_*.bin")
+        sources.append((chosen_reader, projector_key_mapping(strategy)))
         if copies:
             sources.append((TensorDictReader(copies, "prefix-collision copies"), lambda key: Drop(copy_reasons[key])))
 
@@ -618,131 +544,39 @@ def read_pretrain_projectors(pretrain_dir: Path, strategy: str, num_projectors: 
     return sources
 
 
-def base_language_model_key_mapping(key: str) -> str | Drop | None:
-    """Keys of a plain LLaMA checkpoint (the base LLM of a pretrain-stage conversion) -> converted keys."""
-    if _UCROSS_KEY.match(key):
-        return None
-    return language_model_key_mapping(key)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _hub_ids(*names) -> list[str]:
-    return [name for name in names if isinstance(name, str) and name.count("/") == 1 and not Path(name).exists()]
-
-
-def _check_language_model(original: dict, lm_config: dict, input_dir: Path) -> None:
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if field in original and original[field] != lm_config.get(field):
-            raise ConversionError(
-                f"The pretrain config.json has {field}={original[field]}, but the language model in {input_dir} has "
-                f"{lm_config.get(field)}: pass the base LLM the projectors were trained with as --input-dir."
-            )
-
-
-def convert_layer_select_fuse(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    vision_tower: str | None = None,
-    dtype: str | None = None,
-    pretrain_dir: str | Path | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    parity_fixture: str | Path | None = None,
-    max_shard_size: int | None = None,
-    progress: bool = True,
-) -> ConversionReport:
-    """Converts a Layer_Select_Fuse checkpoint into a llava-multilayer directory.
-
-    Args:
-        input_dir: the original finetune checkpoint; with `pretrain_dir`, the base language model (HF LLaMA format
-            with its tokenizer) instead.
-        output_dir: where to write the converted checkpoint (created atomically).
-        vision_tower: local directory or hub id of the tower; defaults to the config's `mm_vision_tower`.
-        dtype: `float32`, `bfloat16` or `float16` to cast floating-point weights; `None` keeps them.
-        pretrain_dir: the output directory of the original pretraining stage (`mm_projector_f.bin`,
-            `mm_projector_{k}.bin`, `ucross.bin`, config.json).
-        overwrite: replace a non-empty `output_dir`.
-        verify: reload the result and compare every tensor with its source.
-        parity_fixture: a golden-data directory to check the converted model against.
-        max_shard_size: bytes per output shard.
-        progress: show progress bars.
-    """
-    input_dir = resolve_local_dir(str(input_dir), "language model" if pretrain_dir else "checkpoint", "--input-dir")
-    if pretrain_dir is not None:
-        pretrain_dir = Path(pretrain_dir)
-        if not pretrain_dir.is_dir():
-            raise ConversionError(f"--pretrain-dir {pretrain_dir} is not a directory.")
-        original = load_original_config(pretrain_dir)
-        if detect(load_original_config(input_dir)):
-            raise ConversionError(
-                f"With --pretrain-dir, --input-dir must be the base language model (plain LLaMA weights and tokenizer), "
-                f"but {input_dir} is a Layer_Select_Fuse checkpoint."
-            )
-        source_dir = f"{input_dir} + {pretrain_dir}"
-    else:
-        if (input_dir / "mm_projector_f.bin").is_file():
-            raise ConversionError(
-                f"{input_dir} holds mm_projector_f.bin, i.e. it is a pretraining-stage output: pass it as --pretrain-dir "
-                "and the base language model as --input-dir."
-            )
-        if (input_dir / "adapter_config.json").is_file() and not any(input_dir.glob("model*.safetensors")):
-            raise ConversionError(
-                f"{input_dir} is a LoRA adapter checkpoint (adapter_config.json, non_lora_trainables.bin); merge it "
-                "into the base model with the original code's builder first, then convert the merged checkpoint."
-            )
-        original = load_original_config(input_dir)
-        source_dir = input_dir
-    if not detect(original):
-        raise ConversionError(
-            f"{pretrain_dir or input_dir}/config.json is not a Layer_Select_Fuse config: it has no `layer_fusing_strategy` and "
-            "`mm_vision_tower`."
-        )
-    strategy, selection = _strategy_fields(original)
-    # Refuse what the original cannot produce before anything is downloaded (the tower type is confirmed later).
-    named_tower = str(original.get("mm_vision_tower") or "").lower()
+def check_original(stage: Stage) -> None:
+    """Refuses what the original code cannot produce before anything is downloaded (the tower type is confirmed by
+    [`build_config`])."""
+    strategy, selection = _strategy_fields(stage.original)
+    named_tower = str(stage.original.get("mm_vision_tower") or "").lower()
     check_supported(strategy, selection, "siglip" if "siglip" in named_tower else None)
-    tower_name = vision_tower or original.get("mm_vision_tower")
-    tower_dir = resolve_local_dir(tower_name, "vision tower", "--vision-tower")
-    tower_config = load_vision_config(tower_dir)
-    tower_reader = CheckpointReader(tower_dir)
 
-    tokenizer, image_token_id = load_tokenizer_with_image_token(input_dir)
-    if pretrain_dir is not None:
-        lm_original = load_original_config(input_dir)
-        _check_language_model(original, lm_original, input_dir)
-        text_config = text_config_from_original(lm_original)
-    else:
-        text_config = text_config_from_original(original)
-    config, encoder = build_config(original, tower_config, image_token_id, text_config, tower=str(tower_dir))
-    vision_layers = config.vision_config.num_hidden_layers
 
-    sources: list[tuple[object, KeyMapping]] = [(tower_reader, vision_tower_key_mapping(encoder, vision_layers))]
-    if pretrain_dir is not None:
-        sources.append((CheckpointReader(input_dir), base_language_model_key_mapping))
+def build(inputs: FamilyInputs) -> FamilyConversion:
+    """The Layer_Select_Fuse part of a conversion: config, projector (and I_M cross-fusion) sources, settings."""
+    stage, tower = inputs.stage, inputs.tower
+    strategy, selection = _strategy_fields(stage.original)
+    config, encoder = build_config(
+        stage.original, tower.config, inputs.image_token_id, inputs.text_config, tower=str(tower.directory)
+    )
+    if stage.is_pretrain:
         num_projectors = len(config.internal_feature_layers or [])
-        sources += read_pretrain_projectors(pretrain_dir, strategy, num_projectors)
+        sources = [(inputs.checkpoint, base_language_model_key_mapping)]
+        sources += read_pretrain_projectors(stage.pretrain_dir, strategy, num_projectors)
     else:
-        reader = CheckpointReader(input_dir)
-        check_checkpoint_tower(reader, tower_reader, tower_dir)
-        sources.append((reader, original_key_mapping(strategy)))
-
-    pad_to_square = original.get("image_aspect_ratio", "square") == "pad"
-    image_processor = build_image_processor_for(tower_dir, config.vision_config, encoder, pad_to_square)
-    processor = build_processor(config, tokenizer, image_processor)
-    generation_config = generation_config_from_original(input_dir, image_token_id)
-
-    layer_map = {
-        str(layer): config.internal_feature_layers[k] for layer, k in (config.internal_layer_map or [])
-    }
+        sources = [(inputs.checkpoint, original_key_mapping(strategy))]
+    pad_to_square = stage.original.get("image_aspect_ratio", "square") == "pad"
+    layer_map = {str(layer): config.internal_feature_layers[k] for layer, k in (config.internal_layer_map or [])}
     settings = {
         "layer_fusing_strategy": strategy,
         "layer_using_strategy": selection,
         "encoder": encoder,
-        "stage": "pretrain" if pretrain_dir is not None else "finetune",
+        "stage": "pretrain" if stage.is_pretrain else "finetune",
         "fusion_type": config.fusion_type,
         "vision_feature_layer": config.vision_feature_layer,
         "image_aspect_ratio": "pad" if pad_to_square else "square",
@@ -756,60 +590,36 @@ def convert_layer_select_fuse(
             decoder_layer_to_vision_layer=layer_map,
         )
     if encoder == "siglip":
-        settings["vision_layers_run"] = vision_layers
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    return run_conversion(
-        family=FAMILY,
-        config=config,
-        sources=sources,
-        output_dir=output_dir,
-        processor=processor,
-        generation_config=generation_config,
-        dtype=dtype,
-        overwrite=overwrite,
-        verify=verify,
-        parity_check=fixture_parity_check(parity_fixture) if parity_fixture else None,
-        settings=settings,
-        base_model=_hub_ids(original.get("mm_vision_tower"), original.get("_name_or_path")),
-        source_dir=source_dir,
-        progress=progress,
-        **kwargs,
-    )
+        settings["vision_layers_run"] = config.vision_config.num_hidden_layers
+    image_processor = build_image_processor_for(tower.directory, config.vision_config, encoder, pad_to_square)
+    return FamilyConversion(config=config, sources=sources, settings=settings, image_processor=image_processor)
 
+
+SPEC = OriginalFamily(
+    name=FAMILY,
+    title="a Layer_Select_Fuse",
+    detection=DETECTION,
+    pretrain_files=("mm_projector_f.bin",),
+    build=build,
+    check_original=check_original,
+)
 
 #: Layer_Select_Fuse has no flags beyond the common ones (`--pretrain-dir`: config.json, mm_projector_f.bin,
 #: mm_projector_{k}.bin, ucross.bin; --input-dir is then the base language model with its tokenizer).
-add_arguments = None
+add_arguments = SPEC.add_arguments
+
+
+def convert_layer_select_fuse(
+    input_dir: str | Path, output_dir: str | Path, vision_tower: str | None = None, **kwargs
+) -> ConversionReport:
+    """Converts a Layer_Select_Fuse checkpoint (see the module docstring); `kwargs` are those of
+    [`convert_original`] (`pretrain_dir`: `mm_projector_f.bin`, `mm_projector_{k}.bin`, `ucross.bin`, config.json;
+    `dtype`, `verify`, `parity_fixture`, ...)."""
+    return convert_original(SPEC, input_dir, output_dir, vision_tower, **kwargs)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = converter_parser(__doc__, add_arguments, prog)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        report = convert_layer_select_fuse(
-            args.input_dir,
-            args.output_dir,
-            vision_tower=args.vision_tower,
-            dtype=args.dtype,
-            pretrain_dir=args.pretrain_dir,
-            overwrite=args.overwrite,
-            verify=args.verify,
-            parity_fixture=args.parity_fixture,
-            max_shard_size=args.max_shard_size,
-        )
-    except ConversionError as error:
-        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
-    settings = report.settings
-    logger.info(
-        "Converted %d tensors (%s, layers %s, %s) into %s.",
-        report.num_target_tensors,
-        settings["layer_fusing_strategy"],
-        settings["layer_using_strategy"],
-        settings["encoder"],
-        args.output_dir,
-    )
-    finish_command(args, report)
+    convert_main(SPEC, __doc__, argv, prog)
 
 
 if __name__ == "__main__":

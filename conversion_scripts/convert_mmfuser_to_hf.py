@@ -23,9 +23,9 @@ overrides it with a local copy or another hub id:
         --vision-tower openai/clip-vit-large-patch14-336 \\
         --output-dir mmfuser-7b-hf --dtype bfloat16 --verify
 
-The checkpoint embeds a copy of the frozen tower (`model.vision_tower.vision_tower.vision_model.*`); when present
-it is converted (its shapes must fit the tower named by `--vision-tower`, whose config and image processor are
-used); otherwise the tower's own weights are read from the `--vision-tower` directory.
+The checkpoint embeds a copy of the frozen tower (`model.vision_tower.vision_tower.vision_model.*`), which the
+original loader ignores; the tower is read from the `--vision-tower` directory, as for every family (the policy is
+described in `llava_original.py`).
 
 Pretrain (stage 1) output: only `config.json` + `mm_projector.bin` (fuser + MLP) are written, so the language model
 comes from the base LLM directory (e.g. lmsys/vicuna-7b-v1.5), given as `--input-dir` (the convention of all
@@ -54,38 +54,28 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration
-from llava_multilayer.conversion.conversion_utils import (
-    ORIGINAL_VISION_TOWER_PREFIX,
-    CheckpointReader,
-    ConversionError,
-    ConversionReport,
-    Drop,
-    KeyMapping,
-    TensorDictReader,
-    converter_parser,
-    describe_location,
-    build_image_processor,
-    build_processor,
-    finish_command,
-    fixture_parity_check,
-    generation_config_from_original,
-    load_original_config,
-    load_tokenizer_with_image_token,
-    load_torch_file,
-    load_vision_config,
-    num_image_tokens,
-    resolve_local_dir,
-    run_conversion,
-    text_config_from_original,
+from llava_multilayer.conversion.checks import fixture_parity_check
+from llava_multilayer.conversion.components import num_image_tokens, text_config_from_original
+from llava_multilayer.conversion.key_rules import KeyRules, key_mapping
+from llava_multilayer.conversion.llava_original import (
+    EMBEDDED_TOWER_RULES,
+    LANGUAGE_MODEL_RULES,
+    Detection,
+    FamilyConversion,
+    FamilyInputs,
+    OriginalFamily,
+    check_llava_settings,
+    convert_original,
 )
+from llava_multilayer.conversion.llava_original import main as convert_main
+from llava_multilayer.conversion.pipeline import ConversionReport
+from llava_multilayer.conversion.reading import ConversionError, TensorDictReader, load_torch_file
+
 
 logger = logging.getLogger(__name__)
-
-FAMILY = "mmfuser"
-DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 
 # Constants of the original `MSCrossAttnBlock` (ms_cross_attn.py): none of them is stored in config.json.
 NUM_VALUE_LEVELS = 4
@@ -94,32 +84,48 @@ NUM_POINTS = 4
 LAYER_NORM_EPS = 1e-6
 PROJECTOR_TYPE = "mlp2x_gelu"
 
-# Keys of other families' original configs: Layer_Select_Fuse and IGVA.
-_OTHER_FAMILY_KEYS = ("layer_fusing_strategy", "layer_using_strategy", "vit_aggregate_groups", "vit_base_layer")
 
-_LLM_KEY = re.compile(r"^model\.(embed_tokens|layers|norm)\.")
-_FUSER_KEY = re.compile(r"^model\.mm_projector\.0\.(.+)$")
-_MLP_KEY = re.compile(r"^model\.mm_projector\.([13])\.(weight|bias)$")
-# `gamma*` names are renamed by transformers' legacy loading fix, so the converted model calls them otherwise.
-_FUSER_RENAMES = {"gamma1": "cross_attn_scale", "gamma2": "self_attn_scale"}
-
-
-def detect(original_config: dict) -> bool:
-    """True iff `original_config` (an original config.json) was written by MMFuser's training code.
-
-    MMFuser configs carry the fork's own `ms_cross_attn_lr` field and/or a list-valued `mm_vision_select_layer`
-    (plain LLaVA-1.5 stores an int); Layer_Select_Fuse and IGVA configs have their own marker fields.
-    """
-    if any(key in original_config for key in _OTHER_FAMILY_KEYS):
-        return False
-    layers = original_config.get("mm_vision_select_layer")
-    list_valued = isinstance(layers, list) or (isinstance(layers, str) and layers.startswith("list"))
-    return "mm_vision_tower" in original_config and ("ms_cross_attn_lr" in original_config or list_valued)
+def projector_rules(prefix: str) -> KeyRules:
+    """The rules of an MMFuser projector saved under `prefix` (an `nn.Sequential`): index 0 is the fuser (its `gamma*`
+    names are renamed by transformers' legacy loading fix, so the converted model calls them otherwise), 1 and 3 the
+    MLP linears (2 is the weightless GELU). Layer_Select_Fuse's E_M projector has the same layout."""
+    prefix = re.escape(prefix)
+    return {
+        prefix + r"0\.gamma1": "model.multi_modal_projector.fuser.cross_attn_scale",
+        prefix + r"0\.gamma2": "model.multi_modal_projector.fuser.self_attn_scale",
+        prefix + r"0\.(.+)": r"model.multi_modal_projector.fuser.\1",
+        prefix + r"1\.(weight|bias)": r"model.multi_modal_projector.linear_1.\1",
+        prefix + r"3\.(weight|bias)": r"model.multi_modal_projector.linear_2.\1",
+    }
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Original config
-# --------------------------------------------------------------------------------------------------------------
+#: `model.mm_projector.*`, in a finetune checkpoint or a pretrain-stage `mm_projector.bin`.
+PROJECTOR_RULES = projector_rules("model.mm_projector.")
+
+projector_key_mapping = key_mapping(PROJECTOR_RULES)
+#: Original MMFuser finetune keys -> converted keys (`None` for a key the original model does not have).
+original_key_mapping = key_mapping(LANGUAGE_MODEL_RULES, PROJECTOR_RULES, EMBEDDED_TOWER_RULES)
+#: Keys of a plain LLaMA checkpoint (the base LLM of a pretrain-stage conversion) -> converted keys.
+base_language_model_key_mapping = key_mapping(LANGUAGE_MODEL_RULES)
+
+
+def _list_valued_select_layer(original: dict) -> str | None:
+    layers = original.get("mm_vision_select_layer")
+    if isinstance(layers, list) or (isinstance(layers, str) and layers.startswith("list")):
+        return "its `mm_vision_select_layer` is a list"
+    return None
+
+
+#: MMFuser configs carry the fork's own `ms_cross_attn_lr` field and/or a list-valued `mm_vision_select_layer`
+#: (plain LLaVA-1.5 stores an int); Layer_Select_Fuse and IGVA configs have their own fields.
+DETECTION = Detection(
+    markers=("ms_cross_attn_lr",),
+    marker_check=_list_valued_select_layer,
+    marker_description=" or a list-valued `mm_vision_select_layer`",
+    required={"mm_vision_select_layer": (lambda value: True, "the fused vision layers")},
+    excluded=("layer_fusing_strategy", "layer_using_strategy", "vit_aggregate_groups", "vit_base_layer"),
+)
+detect = DETECTION.matches
 
 
 def parse_select_layer(value) -> int | list[int]:
@@ -187,15 +193,12 @@ def _check_supported(original: dict) -> None:
             "image_aspect_ratio='anyres' is not supported: no MMFuser script uses it, and the converted processor "
             "implements 'pad' (pad to a square with the mean colour) and plain resize + centre crop."
         )
-    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
-        if original.get(flag):
-            raise ConversionError(f"{flag}=true is not supported (MMFuser trains with it false).")
     select_feature = original.get("mm_vision_select_feature", "patch")
     if select_feature == "cls_patch":
         raise ConversionError(
-            "mm_vision_select_feature='cls_patch' cannot be used with the MMFuser fuser: it keeps CLIP's CLS token, so "
-            "a layer holds a square patch grid plus one token (e.g. 577 = 24*24 + 1), which is not a square grid; the "
-            "original fuser's length check fails on it. MMFuser checkpoints use 'patch'."
+            "mm_vision_select_feature='cls_patch' cannot be used with the MMFuser fuser: it keeps CLIP's CLS token, "
+            "so a layer holds a square patch grid plus one token (e.g. 577 = 24*24 + 1), which is not a square grid; "
+            "the original fuser's length check fails on it. MMFuser checkpoints use 'patch'."
         )
     if select_feature != "patch":
         raise ConversionError(f"mm_vision_select_feature={select_feature!r} is not supported (expected 'patch').")
@@ -214,16 +217,11 @@ def build_config(
         the entries of it the fuser does not use.
     """
     _check_supported(original)
+    check_llava_settings(original, "MMFuser", vision_config)
     if vision_config.model_type != "clip_vision_model":
         raise ConversionError(
             f"MMFuser uses a CLIP vision tower (the original builder accepts only CLIP), but the tower given holds a "
             f"{vision_config.model_type!r} model."
-        )
-    mm_hidden_size = original.get("mm_hidden_size")
-    if mm_hidden_size is not None and mm_hidden_size != vision_config.hidden_size:
-        raise ConversionError(
-            f"The original config has mm_hidden_size={mm_hidden_size}, but the vision tower given has hidden_size "
-            f"{vision_config.hidden_size}: pass the tower the model was trained with (--vision-tower)."
         )
     if "mm_vision_select_layer" not in original:
         raise ConversionError("The original config has no `mm_vision_select_layer`: the fused layers are unknown.")
@@ -233,7 +231,10 @@ def build_config(
         logger.warning(
             "mm_vision_select_layer=%s has %d entries: the original fuser uses the first %d as key/value levels and "
             "the last as the query, so %s are ignored (as in the original code).",
-            original_layers, len(original_layers), NUM_VALUE_LEVELS, ignored,
+            original_layers,
+            len(original_layers),
+            NUM_VALUE_LEVELS,
+            ignored,
         )
     image_seq_length = num_image_tokens(vision_config, "default")
     side = math.isqrt(image_seq_length)
@@ -264,104 +265,6 @@ def build_config(
     except (ValueError, TypeError, StrictDataclassError) as error:
         raise ConversionError(f"The original MMFuser settings do not form a valid config: {error}") from error
     return config, original_layers, ignored
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Key mappings
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _llm_key(key: str) -> str | Drop | None:
-    if _LLM_KEY.match(key):
-        if key.endswith("rotary_emb.inv_freq"):
-            return Drop("rotary inv_freq buffer (recomputed from the config)")
-        return "model.language_model." + key[len("model.") :]
-    if key == "lm_head.weight":
-        return key
-    return None
-
-
-def projector_key_mapping(key: str) -> str | None:
-    """`model.mm_projector.*` keys (finetune checkpoint or pretrain `mm_projector.bin`) -> converted keys.
-
-    Index 0 is the fuser (`gamma1`/`gamma2` renamed), 1 and 3 the MLP linears (2 is the weightless GELU).
-    """
-    match = _FUSER_KEY.match(key)
-    if match and not _MLP_KEY.match(key):
-        name = match[1]
-        return "model.multi_modal_projector.fuser." + _FUSER_RENAMES.get(name, name)
-    match = _MLP_KEY.match(key)
-    if match:
-        return f"model.multi_modal_projector.linear_{1 if match[1] == '1' else 2}.{match[2]}"
-    return None
-
-
-def original_key_mapping(key: str) -> str | Drop | None:
-    """Original MMFuser finetune keys -> converted keys (`None` for a key the original model does not have)."""
-    target = _llm_key(key)
-    if target is not None:
-        return target
-    if key.startswith("model.mm_projector."):
-        return projector_key_mapping(key)
-    if key.startswith(ORIGINAL_VISION_TOWER_PREFIX):
-        if key.endswith("position_ids"):
-            return Drop("position_ids buffer of the vision tower (recomputed)")
-        return "model.vision_tower." + key[len(ORIGINAL_VISION_TOWER_PREFIX) :]
-    return None
-
-
-def base_language_model_key_mapping(key: str) -> str | Drop | None:
-    """Keys of a plain LLaMA checkpoint (the base LLM of a pretrain-stage conversion) -> converted keys."""
-    return _llm_key(key)
-
-
-def vision_tower_key_mapping(key: str) -> str | Drop | None:
-    """Keys of a CLIP tower directory (`CLIPVisionModel` or a full `CLIPModel`) -> `model.vision_tower.*`."""
-    if key.endswith("position_ids"):
-        return Drop("position_ids buffer of the vision tower (recomputed)")
-    if key.startswith(("text_model.", "text_projection.", "visual_projection.")) or key == "logit_scale":
-        return Drop("CLIP text tower / contrastive heads: MMFuser uses only the vision model")
-    if key.startswith("vision_model."):
-        return "model.vision_tower." + key[len("vision_model.") :]
-    if key.startswith(("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")):
-        return "model.vision_tower." + key
-    return None
-
-
-def _check_embedded_tower(reader: CheckpointReader, vision_config: PreTrainedConfig, tower_name: str) -> None:
-    """The tower copy stored in the checkpoint must have the architecture of the tower named by --vision-tower."""
-    layer_ids = {
-        int(match[1])
-        for key in reader.keys()
-        if (match := re.match(re.escape(ORIGINAL_VISION_TOWER_PREFIX) + r"encoder\.layers\.(\d+)\.", key))
-    }
-    expected = {
-        "embeddings.patch_embedding.weight": (
-            vision_config.hidden_size, vision_config.num_channels, vision_config.patch_size, vision_config.patch_size
-        ),
-        "embeddings.position_embedding.weight": (
-            (vision_config.image_size // vision_config.patch_size) ** 2 + 1, vision_config.hidden_size
-        ),
-    }
-    problems = []
-    if len(layer_ids) != vision_config.num_hidden_layers:
-        problems.append(f"{len(layer_ids)} encoder layers instead of {vision_config.num_hidden_layers}")
-    for name, shape in expected.items():
-        key = ORIGINAL_VISION_TOWER_PREFIX + name
-        if key not in reader:
-            problems.append(f"no {name}")
-        elif tuple(reader.get_tensor(key).shape) != shape:
-            problems.append(f"{name} of shape {tuple(reader.get_tensor(key).shape)} instead of {shape}")
-    if problems:
-        raise ConversionError(
-            f"The vision tower stored in the checkpoint does not match the tower {tower_name!r} "
-            f"({'; '.join(problems)}): pass the tower the model was trained with (--vision-tower)."
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Parity
-# --------------------------------------------------------------------------------------------------------------
 
 
 def mmfuser_parity_check(fixture_dir: str | Path, original_layers: list[int]) -> Callable[[Path], dict]:
@@ -400,140 +303,36 @@ def mmfuser_parity_check(fixture_dir: str | Path, original_layers: list[int]) ->
     return check
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Conversion
-# --------------------------------------------------------------------------------------------------------------
-
-
-def convert_mmfuser(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    vision_tower: str | None = None,
-    pretrain_dir: str | Path | None = None,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    parity_fixture: str | Path | None = None,
-    max_shard_size: int | None = None,
-    progress: bool = True,
-) -> ConversionReport:
-    """Converts an MMFuser checkpoint; see the module docstring.
-
-    Args:
-        input_dir: the finetune (stage 2) checkpoint directory, or with `pretrain_dir` the base LLM directory
-            (a LLaMA causal LM with its tokenizer).
-        output_dir: where the Hub-format checkpoint is written (atomically).
-        vision_tower: local directory or hub id of the CLIP tower (default: the config's `mm_vision_tower`).
-        pretrain_dir: a stage-1 output directory (config.json + mm_projector.bin).
-        dtype: `"float32"`, `"bfloat16"` or `"float16"` to cast the weights (default: keep the source dtype).
-        parity_fixture: golden-data directory produced by the original code; the measured differences go into the
-            report and the model card.
-    """
-    base_model = []
-    if pretrain_dir is not None:
-        if not Path(input_dir).is_dir():
-            base_model.append(str(input_dir))
-        input_dir = resolve_local_dir(str(input_dir), "base language model", "--input-dir")
-    input_dir = Path(input_dir)
-    config_dir = Path(pretrain_dir) if pretrain_dir is not None else input_dir
-    original = load_original_config(config_dir)
-    if not detect(original):
+def build(inputs: FamilyInputs) -> FamilyConversion:
+    """The MMFuser part of a conversion: config, projector sources, settings."""
+    stage, checkpoint = inputs.stage, inputs.checkpoint
+    has_projector = any(key.startswith("model.mm_projector.") for key in checkpoint.keys())
+    if not stage.is_pretrain and not has_projector:
         raise ConversionError(
-            f"{config_dir}/config.json is not an MMFuser config (MMFuser configs have a list-valued "
-            "`mm_vision_select_layer` and `ms_cross_attn_lr`, and no Layer_Select_Fuse/IGVA fields); use the "
-            "converter of its family."
-        )
-    if pretrain_dir is None and (input_dir / "mm_projector.bin").is_file():
-        raise ConversionError(
-            f"{input_dir} holds mm_projector.bin, i.e. it is a pretrain-stage output: pass it as --pretrain-dir and "
-            "the base LLM directory (e.g. lmsys/vicuna-7b-v1.5) as --input-dir."
-        )
-    reader = CheckpointReader(input_dir)
-    has_llm = any(_LLM_KEY.match(key) for key in reader.keys())
-    has_projector = any(key.startswith("model.mm_projector.") for key in reader.keys())
-    if pretrain_dir is None and not has_projector:
-        raise ConversionError(
-            f"{input_dir} has no `model.mm_projector.*` weights, so it is not an MMFuser finetune checkpoint. For a "
-            "pretrain-stage output (config.json + mm_projector.bin) pass it as --pretrain-dir and the base LLM "
+            f"{stage.input_dir} has no `model.mm_projector.*` weights, so it is not an MMFuser finetune checkpoint. "
+            "For a pretrain-stage output (config.json + mm_projector.bin) pass it as --pretrain-dir and the base LLM "
             "directory as --input-dir."
         )
-    if pretrain_dir is not None and (has_projector or not has_llm):
+    if stage.is_pretrain and has_projector:
         raise ConversionError(
-            f"With --pretrain-dir, --input-dir must be the base language model (plain LLaMA weights), but {input_dir} "
-            f"{'contains an mm_projector (a finetuned checkpoint)' if has_projector else 'has no LLaMA weights'}."
+            f"With --pretrain-dir, --input-dir must be the base language model (plain LLaMA weights), but "
+            f"{stage.input_dir} contains an mm_projector (a finetuned checkpoint)."
         )
-
-    tower_name = vision_tower or original.get("mm_vision_tower")
-    tower_dir = resolve_local_dir(tower_name, "vision tower", "--vision-tower")
-    tower_flag = "--vision-tower" if vision_tower else "the config's mm_vision_tower"
-    tower_description = describe_location(tower_name, tower_flag, original.get("mm_vision_tower"))
-    vision_config = load_vision_config(tower_dir)
-
-    text_config = None
-    if pretrain_dir is not None:
-        base_config = AutoConfig.from_pretrained(input_dir)
-        if base_config.model_type != "llama":
-            raise ConversionError(
-                f"--input-dir {input_dir} holds a {base_config.model_type!r} model; with --pretrain-dir it must be the "
-                "base LLaMA language model (e.g. lmsys/vicuna-7b-v1.5)."
-            )
-        text_config = text_config_from_original(base_config.to_dict())
-        for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
-            if key in original and getattr(base_config, key) != original[key]:
-                raise ConversionError(
-                    f"--input-dir {input_dir} has {key}={getattr(base_config, key)}, but the pretrain config has "
-                    f"{original[key]}: pass the base LLM the projector was trained on."
-                )
-
-    tokenizer, image_token_id = load_tokenizer_with_image_token(input_dir)
-    config, original_layers, ignored = build_config(original, vision_config, image_token_id, text_config)
-    pad_to_square = original.get("image_aspect_ratio", "square") == "pad"
-    processor = build_processor(config, tokenizer, build_image_processor(tower_dir, pad_to_square=pad_to_square))
-
-    tied = config.tie_word_embeddings
-
-    def with_tied_head(mapping: KeyMapping) -> KeyMapping:
-        def mapped(key: str):
-            if tied and key == "lm_head.weight":
-                return Drop("lm_head is tied to the input embeddings")
-            return mapping(key)
-
-        return mapped
-
-    sources: list[tuple[object, KeyMapping]] = []
-    embedded_tower = any(key.startswith(ORIGINAL_VISION_TOWER_PREFIX) for key in reader.keys())
-    if pretrain_dir is not None:
-        projector_path = Path(pretrain_dir) / "mm_projector.bin"
+    config, original_layers, ignored = build_config(
+        stage.original, inputs.tower.config, inputs.image_token_id, inputs.text_config
+    )
+    if stage.is_pretrain:
+        projector_path = stage.pretrain_dir / "mm_projector.bin"
         if not projector_path.is_file():
-            raise ConversionError(f"--pretrain-dir {pretrain_dir} has no mm_projector.bin.")
+            raise ConversionError(f"--pretrain-dir {stage.pretrain_dir} has no mm_projector.bin.")
         projector = TensorDictReader(load_torch_file(projector_path), str(projector_path))
         projector.files = [projector_path]
-        projector_dtypes = {tensor.dtype for tensor in projector.tensors.values()}
-        llm_dtype = reader.get_tensor(next(key for key in reader.keys() if _LLM_KEY.match(key))).dtype
-        if dtype is None and projector_dtypes != {llm_dtype}:
-            logger.warning(
-                "mm_projector.bin holds %s tensors but the base LLM %s: the converted checkpoint would mix dtypes; "
-                "pass --dtype to cast everything to one.",
-                sorted(str(d).replace("torch.", "") for d in projector_dtypes), str(llm_dtype).replace("torch.", ""),
-            )
-        sources += [(reader, with_tied_head(base_language_model_key_mapping)), (projector, projector_key_mapping)]
+        sources = [(checkpoint, base_language_model_key_mapping), (projector, projector_key_mapping)]
     else:
-        sources.append((reader, with_tied_head(original_key_mapping)))
-    if embedded_tower:
-        _check_embedded_tower(reader, vision_config, str(tower_name))
-        tower_source = "the copy stored in the checkpoint"
-    else:
-        try:
-            sources.append((CheckpointReader(tower_dir), vision_tower_key_mapping))
-        except ConversionError as error:
-            raise ConversionError(
-                f"The checkpoint stores no vision tower, so its weights are read from {tower_dir}, but: {error}"
-            ) from error
-        tower_source = tower_description
-
+        sources = [(checkpoint, original_key_mapping)]
     value_layers, query_layer = config.vision_feature_layer[:-1], config.vision_feature_layer[-1]
     settings = {
-        "stage": "pretrain (mm_projector.bin + base LLM)" if pretrain_dir is not None else "finetune",
+        "stage": "pretrain (mm_projector.bin + base LLM)" if stage.is_pretrain else "finetune",
         "fusion_type": "mmfuser",
         "original mm_vision_select_layer": original_layers,
         "vision_feature_layer (value levels, then query)": config.vision_feature_layer,
@@ -547,58 +346,35 @@ def convert_mmfuser(
         "mm_projector_type": PROJECTOR_TYPE,
         "vision_feature_select_strategy": "default (mm_vision_select_feature='patch': CLS dropped)",
         "image_seq_length": config.image_seq_length,
-        "image_aspect_ratio": original.get("image_aspect_ratio", "square"),
-        "vision_tower": tower_description,
-        "vision_tower_weights": tower_source,
-        "chat_template": "vicuna_v1",
+        "image_aspect_ratio": stage.original.get("image_aspect_ratio", "square"),
     }
-    name_or_path = original.get("_name_or_path")
-    if not base_model and name_or_path and not Path(name_or_path).is_absolute():
-        base_model.append(name_or_path)
-    parity_check = mmfuser_parity_check(parity_fixture, original_layers) if parity_fixture else None
-    return run_conversion(
-        family=FAMILY,
-        config=config,
-        sources=sources,
-        output_dir=output_dir,
-        processor=processor,
-        generation_config=generation_config_from_original(input_dir, image_token_id),
-        dtype=dtype,
-        overwrite=overwrite,
-        verify=verify,
-        parity_check=parity_check,
-        settings=settings,
-        base_model=base_model,
-        source_dir=str(config_dir if pretrain_dir is None else f"{input_dir} + {pretrain_dir}"),
-        progress=progress,
-        **({"max_shard_size": max_shard_size} if max_shard_size else {}),
-    )
+    fixture = inputs.parity_fixture
+    parity_check = mmfuser_parity_check(fixture, original_layers) if fixture is not None else None
+    return FamilyConversion(config=config, sources=sources, settings=settings, parity_check=parity_check)
 
+
+SPEC = OriginalFamily(
+    name="mmfuser",
+    title="an MMFuser",
+    detection=DETECTION,
+    pretrain_files=("mm_projector.bin",),
+    build=build,
+)
 
 #: MMFuser has no flags beyond the common ones (`--pretrain-dir`: config.json + mm_projector.bin).
-add_arguments = None
+add_arguments = SPEC.add_arguments
+
+
+def convert_mmfuser(
+    input_dir: str | Path, output_dir: str | Path, vision_tower: str | None = None, **kwargs
+) -> ConversionReport:
+    """Converts an MMFuser checkpoint (see the module docstring); `kwargs` are those of [`convert_original`]
+    (`pretrain_dir`: config.json + mm_projector.bin, `dtype`, `verify`, `parity_fixture`, ...)."""
+    return convert_original(SPEC, input_dir, output_dir, vision_tower, **kwargs)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = converter_parser(__doc__, add_arguments, prog)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        report = convert_mmfuser(
-            args.input_dir,
-            args.output_dir,
-            vision_tower=args.vision_tower,
-            pretrain_dir=args.pretrain_dir,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            verify=args.verify,
-            parity_fixture=args.parity_fixture,
-            max_shard_size=args.max_shard_size,
-        )
-    except ConversionError as error:
-        parser.exit(1, f"{prog + ': ' if prog else ''}error: {error}\n")
-    logger.info("Converted %d tensors into %s.", report.num_target_tensors, args.output_dir)
-    finish_command(args, report)
+    convert_main(SPEC, __doc__, argv, prog)
 
 
 if __name__ == "__main__":

@@ -42,28 +42,31 @@ Every flag other than `--lora-dir`, `--base-model`, `--family` and `--output-dir
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import json
 import math
 import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_multilayer.conversion.conversion_utils import (
+from llava_multilayer.conversion.families import FAMILY_MODULES, detect_family, load_family_module
+from llava_multilayer.conversion.pipeline import ConversionReport
+from llava_multilayer.conversion.reading import (
     CheckpointReader,
     ConversionError,
-    ConversionReport,
     load_original_config,
     load_torch_file,
     resolve_local_dir,
 )
 
-FAMILIES = ("mmfuser", "layer_select_fuse", "igva")
+
+FAMILIES = tuple(FAMILY_MODULES)
 NON_LORA_FILES = ("non_lora_trainables.bin", "ucross.bin")
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -121,7 +124,9 @@ def read_adapter(lora_dir: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, to
     pairs = {}
     for weight, found in parts.items():
         if set(found) != {"A", "B"}:
-            raise ConversionError(f"The adapter has lora_{''.join(found)} but not both lora_A and lora_B for {weight}.")
+            raise ConversionError(
+                f"The adapter has lora_{''.join(found)} but not both lora_A and lora_B for {weight}."
+            )
         pairs[weight] = (found["A"], found["B"])
     if not pairs:
         raise ConversionError(f"{lora_dir} holds no LoRA weights.")
@@ -203,35 +208,34 @@ def write_merged_checkpoint(lora_dir: str | Path, base_model_dir: str | Path, ou
     return output_dir
 
 
-def detect_family(original_config: dict) -> str:
-    """The family whose converter accepts the LoRA run's `config.json`."""
-    matches = [family for family in FAMILIES if _converter_module(family).detect(original_config)]
-    if len(matches) != 1:
-        raise ConversionError(
-            f"The LoRA directory's config.json is accepted by {len(matches)} family converters ({matches}); pass "
-            f"--family (one of {', '.join(FAMILIES)})."
-        )
-    return matches[0]
-
-
-def _converter_module(family: str):
-    if family not in FAMILIES:
-        raise ConversionError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}.")
-    return importlib.import_module(f"llava_multilayer.conversion.convert_{family}_to_hf")
-
-
 def _resolve_inputs(lora_dir, base_model, family) -> tuple[Path, Path, str]:
     lora_dir = Path(lora_dir)
     if not lora_dir.is_dir():
         raise ConversionError(f"--lora-dir {lora_dir} is not a directory.")
-    original = load_original_config(lora_dir)
-    family = family or detect_family(original)
+    if family is not None and family not in FAMILIES:
+        raise ConversionError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}.")
+    if family is None:
+        try:
+            family = detect_family(load_original_config(lora_dir), f"The LoRA directory's {lora_dir / 'config.json'}")
+        except ValueError as error:
+            raise ConversionError(str(error)) from error
     if base_model is None:
         adapter_config_path = lora_dir / "adapter_config.json"
         if adapter_config_path.is_file():
             base_model = json.loads(adapter_config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     base_model_dir = resolve_local_dir(base_model, "base language model", "--base-model")
     return lora_dir, base_model_dir, family
+
+
+@contextlib.contextmanager
+def merged_lora_run(lora_dir, output_dir, base_model=None, family=None) -> Iterator[tuple[Path, str]]:
+    """`(merged_dir, family)`: the LoRA run written as an original full checkpoint into a temporary directory next
+    to `output_dir` (removed on exit), and its family (`family`, or detected from `config.json`)."""
+    lora_dir, base_model_dir, family = _resolve_inputs(lora_dir, base_model, family)
+    work_parent = Path(output_dir).resolve().parent
+    work_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lora-merged-", dir=work_parent) as work_dir:
+        yield write_merged_checkpoint(lora_dir, base_model_dir, Path(work_dir) / "merged"), family
 
 
 def convert_original_lora(
@@ -251,16 +255,13 @@ def convert_original_lora(
         converter_kwargs: Keyword arguments of the family's `convert_<family>` function (`vision_tower`, `dtype`,
             `verify`, `parity_fixture`, `sentence_encoder`, ...).
     """
-    lora_dir, base_model_dir, family = _resolve_inputs(lora_dir, base_model, family)
-    convert = getattr(_converter_module(family), f"convert_{family}")
-    work_parent = Path(output_dir).resolve().parent
-    work_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".lora-merged-", dir=work_parent) as work_dir:
-        merged_dir = write_merged_checkpoint(lora_dir, base_model_dir, Path(work_dir) / "merged")
+    with merged_lora_run(lora_dir, output_dir, base_model, family) as (merged_dir, family):
+        convert = getattr(load_family_module(family), f"convert_{family}")
         return convert(merged_dir, output_dir, **converter_kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: the LoRA flags here; every other flag goes to the family converter's `main`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora-dir", required=True, help="Output directory of the original LoRA run.")
     parser.add_argument("--base-model", help="Base LLM directory / hub id (default: from adapter_config.json).")
@@ -268,14 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", required=True, help="Where to write the converted checkpoint.")
     args, forwarded = parser.parse_known_args(argv)
     try:
-        lora_dir, base_model_dir, family = _resolve_inputs(args.lora_dir, args.base_model, args.family)
-        work_parent = Path(args.output_dir).resolve().parent
-        work_parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".lora-merged-", dir=work_parent) as work_dir:
-            merged_dir = write_merged_checkpoint(lora_dir, base_model_dir, Path(work_dir) / "merged")
-            _converter_module(family).main(
-                ["--input-dir", str(merged_dir), "--output-dir", args.output_dir, *forwarded]
-            )
+        with merged_lora_run(args.lora_dir, args.output_dir, args.base_model, args.family) as (merged_dir, family):
+            converter_argv = ["--input-dir", str(merged_dir), "--output-dir", args.output_dir, *forwarded]
+            load_family_module(family).main(converter_argv)
     except ConversionError as error:
         parser.exit(1, f"error: {error}\n")
 

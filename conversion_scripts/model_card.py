@@ -28,6 +28,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
 #: Stands for the model's location in the templates' code examples; `push_to_hub` replaces it by the repo id.
 MODEL_ID_PLACEHOLDER = "REPO_OR_DIR"
 

@@ -227,7 +227,7 @@ def test_fusion_overhead_quick_on_cuda(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The streaming shard writer behind the conversion benchmark's memory target (conversion_utils)
+# The streaming shard writer behind the conversion benchmark's memory target (conversion_scripts/writing.py)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -247,7 +247,7 @@ def written_tensors(directory: Path) -> dict:
 
 @pytest.mark.parametrize("max_shard_size", [10**9, 300])
 def test_streaming_shard_writer_round_trips_every_dtype(tmp_path, max_shard_size):
-    from llava_multilayer.conversion.conversion_utils import ShardedSafetensorsWriter
+    from llava_multilayer.conversion.writing import ShardedSafetensorsWriter
 
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(6, 8, generator=generator)
@@ -278,7 +278,7 @@ def test_streaming_shard_writer_round_trips_every_dtype(tmp_path, max_shard_size
 
 
 def test_streaming_shard_writer_header_larger_than_its_reserved_room(tmp_path):
-    from llava_multilayer.conversion.conversion_utils import ShardedSafetensorsWriter
+    from llava_multilayer.conversion.writing import ShardedSafetensorsWriter
 
     writer = ShardedSafetensorsWriter(tmp_path)
     writer.header_room = 256  # far less than 40 entries need: the shard is rewritten with a larger header

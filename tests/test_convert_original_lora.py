@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
-from llava_multilayer.conversion.conversion_utils import ConversionError
+from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_mmfuser_to_hf import convert_mmfuser
 from llava_multilayer.conversion.convert_original_lora import convert_original_lora, main
 

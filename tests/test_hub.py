@@ -30,7 +30,7 @@ from converted_fixtures import (
 )
 from huggingface_hub import ModelCard
 from llava_multilayer.commands.cli import main
-from llava_multilayer.conversion.conversion_utils import push_to_hub
+from llava_multilayer.conversion.hub import push_to_hub
 from llava_multilayer.conversion.model_card import MODEL_ID_PLACEHOLDER
 from PIL import Image
 from safetensors.torch import load_file
@@ -104,7 +104,7 @@ def test_model_card(name):
 
 
 def test_model_card_without_parity_says_so(tmp_path):
-    from llava_multilayer.conversion.conversion_utils import ConversionReport
+    from llava_multilayer.conversion.pipeline import ConversionReport
     from llava_multilayer.conversion.model_card import write_model_card
 
     report = json.loads((converted_dir("mmfuser-clip") / "conversion_report.json").read_text())
@@ -178,7 +178,7 @@ def test_push_to_hub_sharded_instruction_guided_checkpoint(local_hub, tmp_path):
 
 
 def test_push_to_hub_refuses_a_directory_without_config(tmp_path):
-    from llava_multilayer.conversion.conversion_utils import ConversionError
+    from llava_multilayer.conversion.reading import ConversionError
 
     with pytest.raises(ConversionError, match="no config.json"):
         push_to_hub(tmp_path, "me/nothing")

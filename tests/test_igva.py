@@ -28,7 +28,7 @@ from llava_multilayer import (
     LlavaMultiLayerInstructionProcessor,
     LlavaMultiLayerProcessor,
 )
-from llava_multilayer.conversion.conversion_utils import ConversionError
+from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_igva_to_hf import convert_igva, detect, parse_layer_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

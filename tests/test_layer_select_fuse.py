@@ -24,7 +24,8 @@ from transformers import AutoProcessor, CLIPVisionConfig, SiglipVisionConfig
 
 from conftest import randomize_weights_
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration
-from llava_multilayer.conversion.conversion_utils import ConversionError, expected_target_shapes
+from llava_multilayer.conversion.pipeline import expected_target_shapes
+from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_layer_select_fuse_to_hf import (
     MMFUSER_LEVELS,
     TOWER_LAYERS,

@@ -34,7 +34,8 @@ from transformers.models.deformable_detr.modeling_deformable_detr import MultiSc
 
 import llava_multilayer  # noqa: F401  (registers the family with the Auto classes)
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
-from llava_multilayer.conversion.conversion_utils import ConversionError, text_config_from_original
+from llava_multilayer.conversion.components import text_config_from_original
+from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_mmfuser_to_hf import (
     convert_mmfuser,
     detect,

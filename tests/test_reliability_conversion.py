@@ -1,4 +1,4 @@
-"""Reliability of the shared conversion machinery (`conversion_scripts/conversion_utils.py`): a conversion never
+"""Reliability of the shared conversion machinery (`conversion_scripts/`: reading, key rules, pipeline, writing, checks): a conversion never
 loses or corrupts data, and a broken checkpoint gives a clear error and no output.
 
 The checkpoints here are tiny "original" directories whose keys are already the converted names (identity key
@@ -22,15 +22,11 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration
-from llava_multilayer.conversion import conversion_utils
-from llava_multilayer.conversion.conversion_utils import (
-    CheckpointReader,
-    ConversionError,
-    Drop,
-    TensorDictReader,
-    load_torch_file,
-    run_conversion,
-)
+from llava_multilayer.conversion import pipeline
+from llava_multilayer.conversion.key_rules import Drop
+from llava_multilayer.conversion.pipeline import run_conversion
+from llava_multilayer.conversion.reading import CheckpointReader, ConversionError, TensorDictReader, load_torch_file
+from llava_multilayer.conversion.writing import ShardedSafetensorsWriter
 
 PROJECTOR_WEIGHT = "model.multi_modal_projector.linear_1.weight"
 
@@ -272,22 +268,22 @@ def test_sharded_output_index_is_consistent(tiny, tmp_path):
 def test_verify_catches_a_tensor_corrupted_on_the_way_to_disk(tiny, tmp_path, monkeypatch):
     _, _, state = tiny
     source = write_single(tmp_path / "source", state)
-    add = conversion_utils.ShardedSafetensorsWriter.add
+    add = ShardedSafetensorsWriter.add
 
     def corrupting_add(self, key, tensor):
         add(self, key, tensor + 1e-3 if key == PROJECTOR_WEIGHT else tensor)
 
-    monkeypatch.setattr(conversion_utils.ShardedSafetensorsWriter, "add", corrupting_add)
+    monkeypatch.setattr(ShardedSafetensorsWriter, "add", corrupting_add)
     assert_failed_cleanly(tiny, source, tmp_path / "out", rf"--verify: reloaded tensors differ.*{PROJECTOR_WEIGHT}", verify=True)
 
 
 def test_verify_catches_a_stored_dtype_change(tiny, tmp_path, monkeypatch):
     _, _, state = tiny
     source = write_single(tmp_path / "source", state)
-    add = conversion_utils.ShardedSafetensorsWriter.add
+    add = ShardedSafetensorsWriter.add
     # bfloat16 -> float32 round trips exactly for these values, so only the stored dtype tells.
     monkeypatch.setattr(
-        conversion_utils.ShardedSafetensorsWriter,
+        ShardedSafetensorsWriter,
         "add",
         lambda self, key, tensor: add(self, key, tensor.double() if key == PROJECTOR_WEIGHT else tensor),
     )
@@ -602,7 +598,7 @@ def test_interrupted_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conversion_utils, "write_model_card", interrupt)
+    monkeypatch.setattr(pipeline, "write_model_card", interrupt)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny, source, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_training_benchmark_quick(tmp_path):
     output = tmp_path / "training.json"
     command = [sys.executable, str(REPO / "benchmarks" / "training.py"), "--quick", "--output", str(output)]
-    command += ["--repeats", "1", "--warmup", "0", "--threads", "1", "--data-records", "4", "--fusion-types"]
+    command += ["--repeats", "2", "--warmup", "0", "--threads", "1", "--data-records", "4", "--fusion-types"]
     command += ["concat", "I_M"]
     result = subprocess.run(
         command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600, check=False
@@ -27,6 +27,13 @@ def test_training_benchmark_quick(tmp_path):
     assert payload["data_records_per_second"] > 0
     assert [row["name"] for row in payload["rows"]] == ["llava (transformers)", "concat", "I_M"]
     assert all(row["step_s"] > 0 and row["ratio"] > 0 for row in payload["rows"])
+    # On CPU the ratios are of process CPU time, each candidate step against the two baseline steps around it.
+    assert payload["clock"] == "cpu" and payload["settings"]["data_image_size"] == 336
+    for name in ("concat", "I_M"):
+        rounds = payload["rounds"][name]
+        assert len(rounds["cpu_ratio"]) == len(rounds["wall_ratio"]) == 2
+        row = next(row for row in payload["rows"] if row["name"] == name)
+        assert row["ratio_p25"] <= row["ratio"] <= row["ratio_p75"]
     assert {target["name"] for target in payload["targets"]} == {
         "training step ratio concat / llava",
         "data time per batch / llava step time",

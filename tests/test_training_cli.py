@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
 from llava_multilayer.commands.cli import main
-from llava_multilayer.conversion.conversion_utils import push_to_hub
+from llava_multilayer.conversion.hub import push_to_hub
 
 
 ROOT = Path(__file__).parent.parent

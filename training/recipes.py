@@ -23,8 +23,11 @@ Defaults come from the scripts the original code ships (flags as the scripts pas
 - Layer_Select_Fuse: `scripts/MLVF/train.sh` (both stages, including its per-device batch 1, gradient
   accumulation 8 / 16 and `--max_steps 10`; pass `max_steps=-1` to train whole epochs), and for `lora` LLaVA-1.5's
   `--lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 --learning_rate 2e-4`.
-- IGVA: `scripts/v1_5/pretrain_balance.sh` / `finetune_balance.sh`, which keep LLaVA-1.5's hyper-parameters
-  (values not verified against golden data; the released scripts are LLaVA-1.5's with the IGVA flags added).
+- IGVA: `scripts/v1_5/pretrain_balance.sh` (stage 1: LLaVA-1.5's values, but `--image_aspect_ratio pad`, which
+  LLaVA-1.5's stage 1 does not pass) and `finetune_balance(1).sh` (stage 2: the 8-GPU script whose
+  `--lambda_balance 0.02` the paper's runs used: per-device batch 8, gradient accumulation 2, `--save_steps 1000`;
+  `finetune_balance.sh` is a 4-GPU variant with `--max_steps 2`). IGVA ships no LoRA script: `lora` is its stage 2
+  with LLaVA-1.5's LoRA flags.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ _LSF_STAGE_2 = {
     "save_steps": 1000,
     "save_total_limit": 5,
 }
+_IGVA_STAGE_2 = {**_STAGE_2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "save_steps": 1000}
 
 #: family -> stage -> the fields of [`Recipe`] the original scripts set (the rest keep the dataclass defaults).
 RECIPE_DEFAULTS: dict[str, dict[str, dict]] = {
@@ -107,9 +111,9 @@ RECIPE_DEFAULTS: dict[str, dict[str, dict]] = {
         "lora": {**_LSF_STAGE_2, **_LORA, "mm_projector_lr": 2e-5},
     },
     "igva": {
-        "pretrain": _STAGE_1,
-        "finetune": _STAGE_2,
-        "lora": {**_STAGE_2, **_LORA, "mm_projector_lr": 2e-5},
+        "pretrain": {**_STAGE_1, "image_aspect_ratio": "pad"},
+        "finetune": _IGVA_STAGE_2,
+        "lora": {**_IGVA_STAGE_2, **_LORA, "mm_projector_lr": 2e-5},
     },
 }
 for _family in RECIPE_DEFAULTS.values():

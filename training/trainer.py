@@ -43,6 +43,7 @@ from .sampler import ModalityLengthGroupedSampler
 
 
 NON_LORA_TRAINABLES_NAME = "non_lora_trainables.safetensors"
+CROSS_FUSION_LAYER = "CrossAttentionFusionDecoderLayer"
 RECIPE_FILE = "training_recipe.json"
 
 
@@ -128,6 +129,52 @@ class RecipeTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if _is_peft(model) and self.args.should_save:
             save_file(non_lora_trainables(model), Path(output_dir or self.args.output_dir) / NON_LORA_TRAINABLES_NAME)
+
+
+def check_sharding_engine(trainer: Trainer) -> None:
+    """Raises when FSDP or DeepSpeed was asked for (an `accelerate launch` config or the `fsdp` / `deepspeed`
+    training arguments) but the trainer's accelerator does not use it. accelerate enables FSDP only on accelerator
+    devices: on a CPU-only machine or with `use_cpu` it would silently train unsharded, plain DDP instead."""
+    engines = {
+        "FSDP": (
+            os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(trainer.args.fsdp),
+            trainer.is_fsdp_enabled,
+        ),
+        "DeepSpeed": (
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or bool(trainer.args.deepspeed),
+            trainer.is_deepspeed_enabled,
+        ),
+    }
+    if trainer.is_fsdp_enabled:
+        _check_fsdp_wrapping(trainer)
+    for engine, (requested, enabled) in engines.items():
+        if requested and not enabled:
+            state = trainer.accelerator.state
+            raise ValueError(
+                f"{engine} was requested (accelerate config or training arguments) but accelerate runs this job as "
+                f"{state.distributed_type.value} on {state.device.type}: accelerate enables {engine} only on "
+                "accelerator devices (CUDA, XPU, ...), not on a CPU-only machine or with --use-cpu, where it would "
+                "train unsharded. Use a GPU machine, or drop the config to train with DDP "
+                "(examples/accelerate_multi_gpu.yaml, `--multi_gpu` on CPU)."
+            )
+
+
+def _check_fsdp_wrapping(trainer: Trainer) -> None:
+    """Internal cross-attention fusion (I_M) computes a fusion layer's keys and values from the image before the
+    layer runs, outside its forward, where FSDP has not gathered the layer's weights: those layers must not be FSDP
+    units of their own (accelerate's default, `_no_split_modules`, makes them so)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not any(type(module).__name__ == CROSS_FUSION_LAYER for module in model.modules()):
+        return
+    wrapped = trainer.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
+    if wrapped is None or CROSS_FUSION_LAYER in wrapped:
+        raise ValueError(
+            f"FSDP would wrap each {CROSS_FUSION_LAYER} (internal cross-attention fusion, I_M) as its own unit, but "
+            "its cross-attention keys and values are computed outside its forward, where FSDP has not gathered its "
+            "weights. Set `fsdp_transformer_layer_cls_to_wrap` in the accelerate config to the other layer classes, "
+            "e.g. `LlamaDecoderLayer,CLIPEncoderLayer` (see examples/accelerate_fsdp.yaml); the fusion layers then "
+            "belong to the root unit."
+        )
 
 
 def load_model(
@@ -218,6 +265,7 @@ def train(
         data_collator=recipe.collator(processor),
         processing_class=processor,
     )
+    check_sharding_engine(trainer)
     if resume_from_checkpoint is True:
         resume_from_checkpoint = get_last_checkpoint(str(output_dir))
         if resume_from_checkpoint is None:
@@ -259,6 +307,7 @@ __all__ = [
     "NON_LORA_TRAINABLES_NAME",
     "RECIPE_FILE",
     "RecipeTrainer",
+    "check_sharding_engine",
     "load_model",
     "load_non_lora_trainables",
     "merge_adapter",
