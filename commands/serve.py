@@ -19,7 +19,8 @@
 
 Engines (`--engine`, default `auto`: vLLM when it is installed, else transformers):
 
-* `vllm` runs `vllm serve MODEL --trust-remote-code --model-impl transformers`. vLLM's transformers backend carries
+* `vllm` runs `vllm serve MODEL --trust-remote-code` (this package's vLLM plugin: vLLM's transformers backend plus
+  the out-of-vocabulary image token). vLLM's transformers backend carries
   image information only in the input embeddings, so checkpoints with internal fusion (Layer_Select_Fuse I_D / I_M)
   are refused: under vLLM they would answer as if internal fusion were off.
 * `transformers` serves the model in this process with its own `generate` (Python's standard-library HTTP server):
@@ -103,7 +104,8 @@ def vllm_command(args: argparse.Namespace, served_name: str) -> list[str]:
             "reinstall vLLM in this environment, or pass `--engine transformers`.",
         )  # fmt: skip
     command = [executable, "serve", args.model, "--trust-remote-code"]
-    command += ["--model-impl", "transformers", "--served-model-name", served_name]
+    # No `--model-impl transformers`: it would bypass the model class this package's vLLM plugin registers.
+    command += ["--served-model-name", served_name]
     command += ["--host", args.host, "--port", str(8000 if args.port is None else args.port)]
     if args.dtype != "auto":
         command += ["--dtype", args.dtype]

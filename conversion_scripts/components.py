@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import (
-    AddedToken,
     AutoConfig,
     AutoTokenizer,
     GenerationConfig,
@@ -31,7 +30,7 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerProcessor
+from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerProcessor, add_image_token
 
 from .reading import ConversionError, load_json
 
@@ -80,8 +79,8 @@ def load_tokenizer_with_image_token(tokenizer_dir: Path):
             f"Could not load the tokenizer of {tokenizer_dir}: {error}. Reading a SentencePiece tokenizer.model "
             "needs `pip install sentencepiece protobuf`."
         ) from error
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    # The originals' per-chunk tokenization around `<image>`, built into the tokenizer (one rule for all callers).
+    tokenizer = add_image_token(tokenizer, IMAGE_TOKEN)
     return tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 

@@ -38,6 +38,7 @@ _EXPORTS = {
     "LlavaMultiLayerPreTrainedModel": "modeling_llava_multilayer",
     "LlavaMultiLayerInstructionProcessor": "processing_llava_multilayer",
     "LlavaMultiLayerProcessor": "processing_llava_multilayer",
+    "add_image_token": "tokenization_llava_multilayer",
 }
 
 

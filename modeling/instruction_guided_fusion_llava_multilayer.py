@@ -39,19 +39,48 @@ class InstructionEncoder(nn.Module):
         return nn.functional.normalize(pooled, p=2, dim=1)
 
 
+class InstructionCrossAttention(nn.Module):
+    """`nn.MultiheadAttention(batch_first=True)` with its parameter names (`in_proj_weight`, `in_proj_bias`,
+    `out_proj`) and initialisation, computed with module calls only: serving engines (vLLM) replace `nn.Linear`
+    submodules by their own layers, which `nn.MultiheadAttention` breaks by reading `out_proj.weight` directly."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`query`: `(batch, queries, hidden)`, `keys` (also the values): `(batch, keys, hidden)` -> like `query`."""
+        weight_q, weight_k, weight_v = self.in_proj_weight.chunk(3)
+        bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
+
+        def heads(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            projected = nn.functional.linear(states, weight, bias)
+            return projected.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        attended = nn.functional.scaled_dot_product_attention(
+            heads(query, weight_q, bias_q), heads(keys, weight_k, bias_k), heads(keys, weight_v, bias_v)
+        )
+        return self.out_proj(attended.transpose(1, 2).flatten(-2))
+
+
 class InstructionGuidedAggregatorBlock(nn.Module):
     """One block of the weight allocator: the query attends to the group CLS vectors, post-norm residuals, ReLU FFN."""
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.cross_attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.cross_attention = InstructionCrossAttention(hidden_size, num_heads)
         self.norm1 = nn.LayerNorm(hidden_size)
         self.ffn = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, hidden_size))
         self.norm2 = nn.LayerNorm(hidden_size)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """`query`: `(batch, 1, hidden)`, `keys`: `(batch, groups, hidden)` -> `(batch, 1, hidden)`."""
-        attended, _ = self.cross_attention(query, keys, keys, need_weights=False)
+        attended = self.cross_attention(query, keys)
         hidden = self.norm1(attended + query)
         return self.norm2(self.ffn(hidden) + hidden)
 
@@ -64,6 +93,8 @@ class InstructionGuidedAggregator(nn.Module):
     def __init__(self, vision_hidden_size: int, instruction_hidden_size: int, config: LlavaMultiLayerConfig):
         super().__init__()
         hidden_size = config.igva_hidden_size
+        # Kept as a number: serving engines (vLLM) swap `nn.Linear` for layers without `in_features`.
+        self.instruction_hidden_size = instruction_hidden_size
         self.sentence_proj = nn.Linear(instruction_hidden_size, hidden_size)
         self.cls_proj = nn.Linear(vision_hidden_size, hidden_size)
         self.blocks = nn.ModuleList(
@@ -115,7 +146,7 @@ class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
                     "processor (or `instruction_input_ids`/`instruction_attention_mask`, or `instruction_embeds`, "
                     "to the model)."
                 )
-            expected_width = self.aggregator.sentence_proj.in_features
+            expected_width = self.aggregator.instruction_hidden_size
             if instruction_embeds.dim() != 2 or instruction_embeds.shape[-1] != expected_width:
                 raise ValueError(
                     f"`instruction_embeds` must have shape (num_images, {expected_width}) (one instruction embedding "
@@ -137,6 +168,7 @@ class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
 
 
 __all__ = [
+    "InstructionCrossAttention",
     "InstructionEncoder",
     "InstructionGuidedAggregator",
     "InstructionGuidedAggregatorBlock",

@@ -183,6 +183,19 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.self_attn_scale)
 
 
+def refuse_internal_fusion_under_vllm(config: LlavaMultiLayerConfig) -> None:
+    """Raises when an internal-fusion model is built by vLLM (its Transformers backend sets the language model's
+    attention implementation to `"vllm"`): the backend passes the language model input embeddings only, so the
+    decoder layers would never receive their visual features and the model would answer as if they were absent."""
+    if config.internal_fusion_type is not None and config.text_config._attn_implementation == "vllm":
+        raise NotImplementedError(
+            f"internal_fusion_type={config.internal_fusion_type!r} cannot be served by vLLM: its Transformers backend "
+            "hands the language model input embeddings only, so the visual features that internal fusion feeds into "
+            "the decoder layers would be dropped and the answers silently wrong. Serve this model with transformers "
+            "(`model.generate`) instead."
+        )
+
+
 class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
     """Vision tower, fuser(s) and language model, without a language modeling head."""
 
@@ -206,6 +219,7 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         self.post_init()
 
     def _wrap_internal_fusion_layers(self) -> None:
+        refuse_internal_fusion_under_vllm(self.config)
         layers = getattr(self.language_model, "layers", None)
         if not isinstance(layers, nn.ModuleList):
             raise ValueError(

@@ -13,12 +13,19 @@
 # limitations under the License.
 """Processor of LLaVA models with multi-layer visual feature fusion."""
 
+from typing import Unpack
+
 import numpy as np
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import MultiModalData, ProcessingKwargs
+from transformers.tokenization_utils_base import TextInput
 from transformers.utils import cached_file
 
 from .compatibility_llava_multilayer import make_flat_list_of_images
+from .tokenization_llava_multilayer import follows_image_token_rule
+
 
 VICUNA_V1_SYSTEM_MESSAGE = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -75,8 +82,8 @@ def to_rgb(image):
     return image
 
 
-_TOKENIZER_CALL_KWARGS = ("padding", "padding_side", "pad_to_multiple_of", "return_attention_mask")
-_IGNORED_KWARGS = ("videos", "audio", "sanitize_control_tokens", "return_mm_token_type_ids")
+class LlavaMultiLayerProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {"text_kwargs": {"padding": True}}
 
 
 class LlavaMultiLayerProcessor(ProcessorMixin):
@@ -85,16 +92,18 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
 
     It converts images to 8-bit RGB as the original codebases read them (see [`to_rgb`]: transparency dropped, 16-bit
     images scaled to 8 bits), pads them to a square with the mean colour (LLaVA-1.5's `image_aspect_ratio="pad"`, via
-    the image processor's `do_pad`), expands each `<image>` into the number of visual tokens the model splices in, and
-    tokenizes the text around each `<image>` separately, exactly as the original codebases' `tokenizer_image_token`
-    does (so a SentencePiece tokenizer's word-start marker after the image is kept). The default chat template
-    reproduces the `vicuna_v1` conversation format the original models were trained with.
+    the image processor's `do_pad`) and expands each `<image>` into the number of visual tokens the model splices in;
+    everything else is transformers' `ProcessorMixin.__call__` (call-time kwargs, `text_replacement_offsets`, saved
+    tokenizer defaults). The tokenizer carries the original codebases' tokenization rule (each chunk after an
+    `<image>` is tokenized as the start of a new text, see [`add_image_token`]), so tokenizing the expanded prompt in
+    one call gives the ids of their `tokenizer_image_token`. The default chat template reproduces the `vicuna_v1`
+    conversation format the original models were trained with.
 
     Args:
         image_processor ([`LlavaImageProcessorPil`] or any image processor):
             Prepares images; set `do_pad=True` for LLaVA-1.5's pad-to-square.
         tokenizer ([`PreTrainedTokenizerBase`]):
-            The language model's tokenizer; it must contain the image token.
+            The language model's tokenizer with the image token and its rule ([`add_image_token`]).
         patch_size (`int`):
             Patch size of the vision tower.
         vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
@@ -107,6 +116,8 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
             Extra tokens the vision tower emits besides patches (1 for CLIP's CLS).
     """
 
+    valid_processor_kwargs = LlavaMultiLayerProcessorKwargs
+
     def __init__(
         self,
         image_processor=None,
@@ -118,11 +129,8 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         num_additional_image_tokens=0,
         **kwargs,
     ):
-        if tokenizer is not None and tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
-            raise ValueError(
-                f"The tokenizer has no {image_token!r} token. Add it first: `tokenizer.add_tokens(AddedToken("
-                f"{image_token!r}, special=True, normalized=False), special_tokens=True)`."
-            )
+        if tokenizer is not None:
+            _check_tokenizer(tokenizer, image_token)
         self.patch_size = patch_size
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.num_additional_image_tokens = num_additional_image_tokens
@@ -146,18 +154,93 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         count = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
         return count - 1 if self.vision_feature_select_strategy == "default" else count
 
-    def _tokenize_prompt(self, prompt: str, num_tokens_per_image: list[int], add_special_tokens: bool) -> list[int]:
-        chunks = prompt.split(self.image_token)
-        input_ids = self.tokenizer(chunks[0], add_special_tokens=add_special_tokens)["input_ids"]
-        bos_token_id = self.tokenizer.bos_token_id
-        for num_tokens, chunk in zip(num_tokens_per_image, chunks[1:]):
-            chunk_ids = self.tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"]
-            if add_special_tokens and bos_token_id is not None and chunk_ids[:1] == [bos_token_id]:
-                chunk_ids = chunk_ids[1:]
-            input_ids += [self.image_token_id] * num_tokens + chunk_ids
-        return input_ids
+    def _processed_image_size(self, height: int, width: int, **images_kwargs) -> tuple[int, int]:
+        """`(height, width)` of an image of `height x width` pixels after the image processor."""
+        settings = {
+            key: images_kwargs.get(key) if images_kwargs.get(key) is not None else getattr(self.image_processor, key)
+            for key in ("do_pad", "size", "do_center_crop", "crop_size")
+        }
+        if settings["do_pad"]:
+            height = width = max(height, width)
+        if settings["do_center_crop"] and settings["crop_size"] is not None:
+            return settings["crop_size"]["height"], settings["crop_size"]["width"]
+        size = settings["size"]
+        if "height" in size and "width" in size:
+            return size["height"], size["width"]
+        shortest_edge = size["shortest_edge"]
+        scale = shortest_edge / min(height, width)
+        return (shortest_edge, int(width * scale)) if height <= width else (int(height * scale), shortest_edge)
 
-    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Visual tokens per image of the given `(height, width)` sizes (what vLLM asks to plan its memory)."""
+        vision_data = {}
+        if image_sizes is not None:
+            images_kwargs = {**LlavaMultiLayerProcessorKwargs._defaults.get("images_kwargs", {}), **kwargs}
+            num_image_tokens = [
+                self.num_image_tokens(*self._processed_image_size(height, width, **images_kwargs))
+                for height, width in image_sizes
+            ]
+            vision_data = {"num_image_tokens": num_image_tokens, "num_image_patches": [1] * len(image_sizes)}
+        return MultiModalData(**vision_data)
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Clear errors for what this processor cannot process: no text, empty prompts or images, a number of images
+        that differs from the number of placeholders. (Truncation that cuts through image tokens is refused by
+        `ProcessorMixin` after tokenizing.)"""
+        for key, value in (("videos", videos), ("audio", audio)):
+            if value is not None:
+                raise ValueError(f"{type(self).__name__} does not process {key}.")
+        if text is None:
+            raise ValueError("`text` is required: pass the prompt(s), with one `<image>` per image.")
+        prompts = [text] if isinstance(text, str) else text
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}.")
+        for index, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"Prompt {index} is empty.")
+        counts = [prompt.count(self.image_token) for prompt in prompts]
+        flat_images = make_flat_list_of_images(images) if images is not None else []
+        if sum(counts) != len(flat_images):
+            raise ValueError(
+                f"The total number of {self.image_token} tokens in the prompts should be the same as the number of "
+                f"images: the prompts contain {sum(counts)} {self.image_token!r} placeholder(s) (per prompt: "
+                f"{counts}) but {len(flat_images)} image(s) were given; pass exactly one image per placeholder."
+            )
+        for index, image in enumerate(flat_images):
+            size = image.shape if hasattr(image, "shape") else getattr(image, "size", None)
+            if size is not None and 0 in tuple(size):
+                raise ValueError(f"Image {index} is empty (size {tuple(size)}).")
+
+    def _merge_kwargs(self, ModelProcessorKwargs=None, tokenizer_init_kwargs=None, **kwargs):  # noqa: N803
+        # transformers only warns about an argument no sub-processor takes; a misspelt option would be ignored.
+        unknown = sorted(set(kwargs) - self._valid_call_kwargs(ModelProcessorKwargs or self.valid_processor_kwargs))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__ got unexpected arguments: {unknown}.")
+        return super()._merge_kwargs(ModelProcessorKwargs, tokenizer_init_kwargs=tokenizer_init_kwargs, **kwargs)
+
+    def _valid_call_kwargs(self, processor_kwargs) -> set[str]:
+        """The names `__call__` accepts: the kwargs TypedDicts' and the sub-processors' own options."""
+        names = {*processor_kwargs.__annotations__, "common_kwargs", "text", "images", "videos", "audio"}
+        for modality in ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs"):
+            names |= set(processor_kwargs.__annotations__[modality].__annotations__)
+        valid_kwargs = getattr(self.image_processor, "valid_kwargs", None)
+        names |= set(getattr(valid_kwargs, "__annotations__", {}))
+        return names
+
+    def _process_images(self, images, **kwargs):
+        return super()._process_images([to_rgb(image) for image in make_flat_list_of_images(images)], **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text an `<image>` expands into: one image token per visual token."""
+        height, width = np.asarray(image_inputs["pixel_values"][image_idx]).shape[-2:]
+        return self.image_token * self.num_image_tokens(height, width)
+
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        **kwargs: Unpack[LlavaMultiLayerProcessorKwargs],
+    ) -> BatchFeature:
         """
         Prepares `pixel_values`, `input_ids` and `attention_mask`.
 
@@ -167,79 +250,28 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
                 and converted to RGB by [`to_rgb`] (16-bit images are scaled to 8 bits).
             text (`str` or `list[str]`):
                 The prompt(s); each `<image>` is expanded into the image's visual tokens.
-            return_tensors (`str`, *optional*): `"pt"`, `"np"` or `None`.
-            padding (`bool` or `str`, *optional*, defaults to `True`): pads a batch to its longest prompt.
-            padding_side (`str`, *optional*): `"left"` (for batched generation) or `"right"`.
+            kwargs: transformers' processor kwargs (`return_tensors`, `padding` (defaults to `True`),
+                `padding_side`, `return_offsets_mapping`, `return_text_replacement_offsets`, image processor
+                options, or nested `text_kwargs` / `images_kwargs` / `common_kwargs`).
         """
-        for key in _IGNORED_KWARGS:
-            if kwargs.pop(key, None) is not None and key in ("videos", "audio"):
-                raise ValueError(f"{type(self).__name__} does not process {key}.")
-        if kwargs.pop("truncation", False):
-            raise ValueError("Truncation is not supported: it could cut through the image tokens.")
-        return_tensors = kwargs.pop("return_tensors", None)
-        add_special_tokens = kwargs.pop("add_special_tokens", True)
-        pad_kwargs = {key: kwargs.pop(key) for key in _TOKENIZER_CALL_KWARGS if key in kwargs}
-        pad_kwargs.setdefault("padding", True)
-        images_kwargs = kwargs.pop("images_kwargs", {})
-        kwargs.pop("text_kwargs", None)
-        extra = self._pop_extra_inputs(kwargs)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.__call__ got unexpected arguments: {sorted(kwargs)}.")
+        return super().__call__(images=images, text=text, **kwargs)
 
-        if text is None:
-            raise ValueError("`text` is required: pass the prompt(s), with one `<image>` per image.")
-        prompts = [text] if isinstance(text, str) else list(text)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}.")
-        for index, prompt in enumerate(prompts):
-            if not prompt.strip():
-                raise ValueError(f"Prompt {index} is empty.")
-        counts = [prompt.count(self.image_token) for prompt in prompts]
-
-        if images is not None:
-            # Paths and URLs (e.g. `{"type": "image", "url": ...}` chat content) are loaded as PIL images.
-            images = self.image_processor.fetch_images(images)
-        flat_images = make_flat_list_of_images(images) if images is not None else []
-        if sum(counts) != len(flat_images):
-            raise ValueError(
-                f"The prompts contain {sum(counts)} {self.image_token!r} placeholder(s) (per prompt: {counts}) but "
-                f"{len(flat_images)} image(s) were given: pass exactly one image per placeholder."
-            )
-        data = {}
-        num_tokens = []
-        if flat_images:
-            for index, image in enumerate(flat_images):
-                size = getattr(image, "size", None) if not hasattr(image, "shape") else image.shape
-                if size is not None and 0 in tuple(size):
-                    raise ValueError(f"Image {index} is empty (size {tuple(size)}).")
-            flat_images = [to_rgb(image) for image in flat_images]
-            pixel_values = self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs)[
-                "pixel_values"
-            ]
-            data["pixel_values"] = pixel_values
-            num_tokens = [self.num_image_tokens(*np.asarray(pv).shape[-2:]) for pv in pixel_values]
-
-        input_ids = []
-        start = 0
-        for prompt, count in zip(prompts, counts):
-            input_ids.append(self._tokenize_prompt(prompt, num_tokens[start : start + count], add_special_tokens))
-            start += count
-        encoded = self.tokenizer.pad({"input_ids": input_ids}, return_tensors=return_tensors, **pad_kwargs)
-        data.update(encoded)
-        data.update(self._process_extra_inputs(prompts, counts, extra, return_tensors))
-        return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def _pop_extra_inputs(self, kwargs: dict) -> dict:
-        """Takes the processor-specific call arguments out of `kwargs` (none here)."""
-        return {}
-
-    def _process_extra_inputs(self, prompts, counts, extra, return_tensors) -> dict:
-        """Processor-specific outputs (none here)."""
-        return {}
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        if self._auto_class is not None:
+            # What `save_pretrained` writes (it sets `auto_map` on the saving instance only), so that a loaded
+            # processor serializes as the one it was saved from.
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            output.setdefault("auto_map", {self._auto_class: f"{module}.{type(self).__name__}"})
+        return output
 
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+class LlavaMultiLayerInstructionProcessorKwargs(LlavaMultiLayerProcessorKwargs, total=False):
+    _defaults = LlavaMultiLayerProcessorKwargs._defaults
 
 
 class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
@@ -257,6 +289,8 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
         instruction_max_length (`int`, *optional*, defaults to 384):
             Instructions are truncated to this many tokens (the encoder's `max_seq_length`).
     """
+
+    valid_processor_kwargs = LlavaMultiLayerInstructionProcessorKwargs
 
     def __init__(
         self,
@@ -288,8 +322,8 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         if not _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs):
             raise OSError(
-                f"{pretrained_model_name_or_path} has no `instruction_tokenizer/` folder: it is not the processor of an "
-                "instruction-guided (igva) model."
+                f"{pretrained_model_name_or_path} has no `instruction_tokenizer/` folder: it is not the processor of "
+                "an instruction-guided (igva) model."
             )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -300,23 +334,31 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
         output["processor_class"] = LlavaMultiLayerProcessor.__name__
         return output
 
-    def __call__(self, images=None, text=None, instructions=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        instructions: str | list[str] | None = None,
+        **kwargs: Unpack[LlavaMultiLayerInstructionProcessorKwargs],
+    ) -> BatchFeature:
         """As [`LlavaMultiLayerProcessor.__call__`], plus `instructions` (`str` or `list[str]`, one per prompt),
         tokenized into `instruction_input_ids` / `instruction_attention_mask` with one row per image."""
-        return super().__call__(images=images, text=text, instructions=instructions, **kwargs)
+        outputs = super().__call__(images=images, text=text, **kwargs)
+        prompts = [text] if isinstance(text, str) else list(text)
+        counts = [prompt.count(self.image_token) for prompt in prompts]
+        return_tensors = kwargs.get("return_tensors", kwargs.get("common_kwargs", {}).get("return_tensors"))
+        outputs.update(self._instruction_inputs(prompts, counts, instructions, return_tensors))
+        return outputs
 
-    def _pop_extra_inputs(self, kwargs: dict) -> dict:
-        return {"instructions": kwargs.pop("instructions", None)}
-
-    def _process_extra_inputs(self, prompts, counts, extra, return_tensors) -> dict:
-        instructions = extra["instructions"]
+    def _instruction_inputs(self, prompts, counts, instructions, return_tensors) -> dict:
         if instructions is None:
             instructions = [self.instruction_from_prompt(prompt) for prompt in prompts]
         elif isinstance(instructions, str):
             instructions = [instructions]
         if len(instructions) != len(prompts):
             raise ValueError(
-                f"Got {len(instructions)} instruction(s) for {len(prompts)} prompt(s): pass one instruction per prompt."
+                f"Got {len(instructions)} instruction(s) for {len(prompts)} prompt(s): pass one instruction per "
+                "prompt."
             )
         per_image = [instruction for instruction, count in zip(instructions, counts) for _ in range(count)]
         if not per_image:
@@ -346,6 +388,22 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
     @property
     def model_input_names(self):
         return super().model_input_names + ["instruction_input_ids", "instruction_attention_mask"]
+
+
+def _check_tokenizer(tokenizer, image_token: str) -> None:
+    """Refuses a tokenizer without the image token, or one that would tokenize the prompt otherwise than the original
+    codebases' per-chunk `tokenizer_image_token`."""
+    if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
+        raise ValueError(
+            f"The tokenizer has no {image_token!r} token. Add it first: `tokenizer = "
+            f"llava_multilayer.add_image_token(tokenizer, {image_token!r})`."
+        )
+    if not follows_image_token_rule(tokenizer, image_token):
+        raise ValueError(
+            f"The tokenizer tokenizes the text after {image_token!r} otherwise than the original codebases, which "
+            "tokenize each chunk between images on its own (a SentencePiece word-start marker is lost): build it "
+            f"with `tokenizer = llava_multilayer.add_image_token(tokenizer, {image_token!r})`."
+        )
 
 
 def _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs) -> bool:

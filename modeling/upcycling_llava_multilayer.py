@@ -40,10 +40,12 @@ from transformers import AutoModel, LlavaForConditionalGeneration, PreTrainedMod
 
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
 from .processing_llava_multilayer import (
+    VICUNA_V1_CHAT_TEMPLATE,
     LlavaMultiLayerInstructionProcessor,
     LlavaMultiLayerProcessor,
-    VICUNA_V1_CHAT_TEMPLATE,
 )
+from .tokenization_llava_multilayer import add_image_token
+
 
 # Config fields that are LLaVA's own and copied as they are.
 _LLAVA_CONFIG_FIELDS = (
@@ -184,7 +186,8 @@ def processor_from_llava(
     """
     kwargs = {
         "image_processor": llava_processor.image_processor,
-        "tokenizer": llava_processor.tokenizer,
+        # The originals' per-chunk tokenization around `<image>` (LLaVA's processor tokenizes the whole prompt).
+        "tokenizer": add_image_token(llava_processor.tokenizer, llava_processor.image_token),
         "patch_size": llava_processor.patch_size,
         "vision_feature_select_strategy": llava_processor.vision_feature_select_strategy,
         "chat_template": chat_template or VICUNA_V1_CHAT_TEMPLATE,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub read it
 
 from pathlib import Path  # noqa: E402
@@ -32,7 +33,6 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
-    AddedToken,
     AutoTokenizer,
     CLIPVisionConfig,
     LlamaConfig,
@@ -46,7 +46,9 @@ from llava_multilayer import (
     LlavaMultiLayerForConditionalGeneration,
     LlavaMultiLayerInstructionProcessor,
     LlavaMultiLayerProcessor,
+    add_image_token,
 )
+
 
 # Tiny models run fastest single-threaded; several threads oversubscribe a busy CI machine (20x slower observed).
 if "OMP_NUM_THREADS" not in os.environ:
@@ -254,11 +256,8 @@ def needs_instructions(config: LlavaMultiLayerConfig) -> bool:
 
 
 def load_tokenizer(path: str | os.PathLike = TOKENIZER_DIR):
-    """The SentencePiece LLaMA tokenizer in `path` plus `<image>` (special, not normalised) as the next free id."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    return tokenizer
+    """The SentencePiece LLaMA tokenizer in `path` plus `<image>` as the next free id, with its tokenization rule."""
+    return add_image_token(AutoTokenizer.from_pretrained(path), IMAGE_TOKEN)
 
 
 def load_instruction_tokenizer(path: str | os.PathLike = INSTRUCTION_TOKENIZER_DIR):

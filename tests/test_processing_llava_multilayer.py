@@ -215,6 +215,17 @@ def test_instruction_processor_gives_one_instruction_per_image(instruction_proce
     assert "instruction_input_ids" not in text_only
 
 
+def test_instruction_processor_refuses_a_prompt_without_instruction(instruction_processor):
+    """vLLM hands the processor a bare `<image>` instead of the prompt: IGVA's instruction must then come with the
+    request (`mm_processor_kwargs={"instructions": [...]}`), never be guessed."""
+    with pytest.raises(ValueError, match="Could not find an instruction in the prompt '<image>'"):
+        instruction_processor(images=random_image(0), text=IMAGE_TOKEN)
+    explicit = instruction_processor(
+        images=random_image(0), text=IMAGE_TOKEN, instructions=["What is it?"], return_tensors="pt"
+    )
+    assert explicit["instruction_input_ids"].shape[0] == 1
+
+
 def test_processor_for_picks_the_instruction_processor():
     igva = make_model("igva")
     processor = processor_for(igva.config, instruction_tokenizer=load_instruction_tokenizer())
@@ -260,6 +271,10 @@ def test_tokenizer_without_image_token_raises():
         make_processor(tokenizer)
 
 
-def test_truncation_is_refused(processor):
-    with pytest.raises(ValueError, match="Truncation"):
-        processor(images=random_image(0), text=vicuna_prompt("x"), truncation=True)
+def test_truncation_through_the_image_tokens_is_refused(processor):
+    prompt = vicuna_prompt("x")
+    full = processor(images=random_image(0), text=prompt)["input_ids"][0]
+    with pytest.raises(ValueError, match="Mismatch in `image` token count"):
+        processor(images=random_image(0), text=prompt, truncation=True, max_length=full.index(IMAGE_TOKEN_ID) + 3)
+    kept = processor(images=random_image(0), text=prompt, truncation=True, max_length=len(full) - 2)["input_ids"][0]
+    assert kept == full[:-2], "truncation after the image tokens keeps them all"

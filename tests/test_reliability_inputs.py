@@ -206,8 +206,8 @@ def test_zero_size_image(processor, image):
 
 
 def test_unsupported_processor_arguments(processor):
-    with pytest.raises(ValueError, match="Truncation is not supported"):
-        processor(images=random_image(0), text=PROMPT, truncation=True)
+    with pytest.raises(ValueError, match="Mismatch in `image` token count"):
+        processor(images=random_image(0), text=PROMPT, truncation=True, max_length=8)
     with pytest.raises(ValueError, match="does not process videos"):
         processor(images=random_image(0), text=PROMPT, videos=[np.zeros((2, 8, 8, 3), np.uint8)])
     with pytest.raises(TypeError, match=r"unexpected arguments: \['colour'\]"):

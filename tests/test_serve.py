@@ -365,7 +365,7 @@ def test_vllm_command_uses_the_transformers_backend(monkeypatch):
     command = serve.vllm_command(serve_args(directory, port=9000, dtype="bfloat16"), "tiny")
     assert command[:4] == ["/opt/bin/vllm", "serve", directory, "--trust-remote-code"]
     text = " ".join(command)
-    assert "--model-impl transformers" in text and "--port 9000" in text and "--dtype bfloat16" in text
+    assert "--model-impl" not in text and "--port 9000" in text and "--dtype bfloat16" in text
     assert "--served-model-name tiny" in text
 
 

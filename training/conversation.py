@@ -169,7 +169,8 @@ def preprocess_vicuna_v1(
     separator = template.sep + template.roles[1] + ": "
     cur_len = 1
     labels[:cur_len] = IGNORE_INDEX
-    non_legacy = not getattr(tokenizer, "legacy", True)
+    # A tokenizers-backed tokenizer built by `add_image_token` keeps the flag among its init kwargs only.
+    non_legacy = not getattr(tokenizer, "legacy", tokenizer.init_kwargs.get("legacy", True))
     for index, round_text in enumerate(prompt.split(template.sep2)):
         if round_text == "":
             break
