@@ -41,7 +41,7 @@ extras["test"] = sorted(
         *extras["train"],
         "pytest>=8",
         "hypothesis>=6",
-        "parameterized",  # transformers' common test mixins (tests/test_processing_transformers_common.py)
+        "parameterized",  # transformers' common test mixins (tests/test_transformers_common_*.py)
     }
 )
 extras["all"] = sorted({dep for name, deps in extras.items() if name not in ("eval", "serve") for dep in deps})

@@ -116,7 +116,8 @@ def choose_engine(args: argparse.Namespace, config: dict | None = None) -> str:
     """The engine `--engine` and `--ui` ask for ('vllm' or 'transformers'), given the checkpoint's `config`.
 
     `auto` takes vLLM when it is installed, except for what vLLM cannot serve here (internal fusion, bitsandbytes
-    flags), which it serves with transformers and says why on stderr; `--engine vllm` refuses those instead.
+    flags) and instruction-guided checkpoints (whose instruction vLLM's server does not derive from the user message),
+    which it serves with transformers and says why on stderr; `--engine vllm` refuses the first two instead.
     """
     vllm_installed = importlib.util.find_spec("vllm") is not None
     if args.ui:
@@ -137,7 +138,15 @@ def choose_engine(args: argparse.Namespace, config: dict | None = None) -> str:
                 "--load-in-4bit/--load-in-8bit", "the transformers engine", "--engine vllm",
                 "pass `--engine transformers`, or a quantization flag of `vllm serve` directly.", 2,
             )  # fmt: skip
-        check_vllm_supports(args.model, config if config is not None else checkpoint_config(args.model))
+        config = config if config is not None else checkpoint_config(args.model)
+        check_vllm_supports(args.model, config)
+        if args.engine == "auto" and config.get("instruction_encoder_config") is not None:
+            raise CommandError.of(
+                "--engine auto", "a checkpoint whose prompt is all vLLM needs",
+                f"{args.model}, whose fuser is guided by an instruction encoder; vLLM's OpenAI server would need "
+                "each request's instruction as `mm_processor_kwargs`, which this server derives from the user message",
+                "pass `--engine vllm` to serve it with vLLM and send `mm_processor_kwargs` yourself.",
+            )  # fmt: skip
     except CommandError as reason:
         if args.engine == "vllm":
             raise

@@ -21,10 +21,13 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs
 from transformers.tokenization_utils_base import TextInput
-from transformers.utils import cached_file
+from transformers.utils import cached_file, logging
 
 from .compatibility_llava_multilayer import make_flat_list_of_images
-from .tokenization_llava_multilayer import follows_image_token_rule
+from .tokenization_llava_multilayer import add_image_token, follows_image_token_rule
+
+
+logger = logging.get_logger(__name__)
 
 
 VICUNA_V1_SYSTEM_MESSAGE = (
@@ -130,7 +133,7 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         **kwargs,
     ):
         if tokenizer is not None:
-            _check_tokenizer(tokenizer, image_token)
+            tokenizer = _with_image_token_rule(tokenizer, image_token)
         self.patch_size = patch_size
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.num_additional_image_tokens = num_additional_image_tokens
@@ -390,20 +393,23 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
         return super().model_input_names + ["instruction_input_ids", "instruction_attention_mask"]
 
 
-def _check_tokenizer(tokenizer, image_token: str) -> None:
-    """Refuses a tokenizer without the image token, or one that would tokenize the prompt otherwise than the original
-    codebases' per-chunk `tokenizer_image_token`."""
+def _with_image_token_rule(tokenizer, image_token: str):
+    """`tokenizer`, or a copy with the original codebases' per-chunk rule built in ([`add_image_token`]) when it
+    tokenizes the text after `image_token` otherwise (a tokenizer saved before the rule existed, or built by hand).
+    Refuses a tokenizer without the image token: its id must be the model's `image_token_id`."""
     if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
         raise ValueError(
             f"The tokenizer has no {image_token!r} token. Add it first: `tokenizer = "
             f"llava_multilayer.add_image_token(tokenizer, {image_token!r})`."
         )
-    if not follows_image_token_rule(tokenizer, image_token):
-        raise ValueError(
-            f"The tokenizer tokenizes the text after {image_token!r} otherwise than the original codebases, which "
-            "tokenize each chunk between images on its own (a SentencePiece word-start marker is lost): build it "
-            f"with `tokenizer = llava_multilayer.add_image_token(tokenizer, {image_token!r})`."
-        )
+    if follows_image_token_rule(tokenizer, image_token):
+        return tokenizer
+    logger.warning_once(
+        f"The tokenizer tokenizes the text after {image_token!r} otherwise than the original codebases, which tokenize "
+        "each chunk between images on its own; the processor uses a copy with that rule built in "
+        f"(`llava_multilayer.add_image_token`). Save the processor again to store the rule in tokenizer.json."
+    )
+    return add_image_token(tokenizer, image_token)
 
 
 def _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs) -> bool:

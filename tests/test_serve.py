@@ -396,6 +396,11 @@ def test_engine_choice(monkeypatch, capsys):
     capsys.readouterr()
     assert serve.choose_engine(serve_args(internal)) == "transformers"
     assert "Serving with transformers, not vLLM" in capsys.readouterr().err
+    # IGVA: vLLM's server cannot derive the instruction from the user message, so auto keeps it in process.
+    igva = str(converted_dir("igva-clip"))
+    assert serve.choose_engine(serve_args(igva)) == "transformers"
+    assert "instruction encoder" in capsys.readouterr().err
+    assert serve.choose_engine(serve_args(igva, engine="vllm")) == "vllm"
 
 
 def test_serve_command_errors(tmp_path, capsys):

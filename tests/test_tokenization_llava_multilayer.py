@@ -67,8 +67,22 @@ def test_the_unruled_tokenizer_loses_the_word_start_marker(original_tokenizer, r
     assert unruled(prompt)["input_ids"] != _original_ids(original_tokenizer, prompt)
     assert not follows_image_token_rule(unruled)
     assert follows_image_token_rule(ruled_tokenizer)
-    with pytest.raises(ValueError, match="otherwise than the original codebases.*add_image_token"):
-        make_processor(unruled)
+
+
+def test_the_processor_builds_the_rule_into_an_unruled_tokenizer(original_tokenizer):
+    """A tokenizer saved before the rule existed (or built by hand) still gives the originals' ids."""
+    unruled = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    unruled.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    processor = make_processor(unruled)
+    assert follows_image_token_rule(processor.tokenizer) and not follows_image_token_rule(unruled)
+    prompt = f"USER: {IMAGE_TOKEN}\nWhat is it? ASSISTANT:"
+    ids = processor(images=[random_image(0)], text=prompt)["input_ids"][0]
+    assert ids == _original_ids(original_tokenizer, prompt, NUM_PATCHES)
+
+
+def test_the_processor_refuses_a_tokenizer_without_the_image_token():
+    with pytest.raises(ValueError, match="has no '<image>' token.*add_image_token"):
+        make_processor(AutoTokenizer.from_pretrained(TOKENIZER_DIR))
 
 
 def test_the_rule_survives_save_and_load(ruled_tokenizer, original_tokenizer, tmp_path):
