@@ -405,9 +405,9 @@ def _with_image_token_rule(tokenizer, image_token: str):
     if follows_image_token_rule(tokenizer, image_token):
         return tokenizer
     logger.warning_once(
-        f"The tokenizer tokenizes the text after {image_token!r} otherwise than the original codebases, which tokenize "
-        "each chunk between images on its own; the processor uses a copy with that rule built in "
-        f"(`llava_multilayer.add_image_token`). Save the processor again to store the rule in tokenizer.json."
+        f"The tokenizer tokenizes the text after {image_token!r} otherwise than the original codebases, which "
+        "tokenize each chunk between images on its own; the processor uses a copy with that rule built in "
+        "(`llava_multilayer.add_image_token`). Save the processor again to store the rule in tokenizer.json."
     )
     return add_image_token(tokenizer, image_token)
 
