@@ -7,6 +7,7 @@ the conversions need the three family converters (conversion_scripts/convert_{mm
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import json
 import os
@@ -414,6 +415,15 @@ def test_load_in_4bit_quantizes_only_the_language_model():
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _setup_package_dirs() -> list[str]:
+    """The source directories of setup.py's `package_dir` (read as a literal, without running setup.py)."""
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "package_dir":
+            return sorted(set(ast.literal_eval(node.value).values()))
+    raise AssertionError("setup.py has no package_dir")
+
+
 @pytest.mark.slow  # 10-20 s of CPU (subprocesses): CI runs it with RUN_SLOW=1
 def test_demo_runs_offline_from_a_fresh_non_editable_install(tmp_path):
     """`pip install .` (not editable) ships demo_data/ and the card templates, and `llava-multilayer demo` works
@@ -422,10 +432,7 @@ def test_demo_runs_offline_from_a_fresh_non_editable_install(tmp_path):
     source.mkdir()
     for path in ("setup.py", "README.md"):
         shutil.copy(REPO_ROOT / path, source / path)
-    package_dirs = (
-        "modeling", "configuration", "conversion_scripts", "commands", "model_cards", "training", "evaluation"
-    )
-    for directory in package_dirs:
+    for directory in _setup_package_dirs():
         shutil.copytree(REPO_ROOT / directory, source / directory, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
