@@ -30,7 +30,11 @@ from .compatibility_llava_multilayer import (
 )
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
 from .deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserProjector, init_deformable_attention
-from .instruction_guided_fusion_llava_multilayer import InstructionEncoder, InstructionGuidedProjector
+from .instruction_guided_fusion_llava_multilayer import (
+    InstructionCrossAttention,
+    InstructionEncoder,
+    InstructionGuidedProjector,
+)
 from .internal_fusion_llava_multilayer import (
     CrossAttentionFusionDecoderLayer,
     CrossAttentionKeyValueStore,
@@ -181,6 +185,11 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
             init_deformable_attention(module.self_attn)
             init.zeros_(module.cross_attn_scale)
             init.zeros_(module.self_attn_scale)
+        elif isinstance(module, InstructionCrossAttention):
+            # `nn.MultiheadAttention`'s own initialisation, which transformers applies to that class.
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+            init.zeros_(module.out_proj.bias)
 
 
 def refuse_internal_fusion_under_vllm(config: LlavaMultiLayerConfig) -> None:
