@@ -225,6 +225,16 @@ SCRIPT_FLAGS = {
     "--image_aspect_ratio": ("image_aspect_ratio", str),
     "--version": ("template", {"plain": "plain", "v1": "vicuna_v1"}.get),
 }
+#: What the original `TrainingArguments` / `DataArguments` default to when a script does not pass the flag.
+SCRIPT_DEFAULTS = {
+    "warmup_ratio": 0.0,
+    "warmup_steps": 0,
+    "max_steps": -1,
+    "image_aspect_ratio": "square",
+    "group_by_modality_length": False,
+    "mm_projector_lr": None,
+    "ms_cross_attn_lr": None,
+}
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -244,6 +254,7 @@ def test_recipe_defaults_are_the_original_scripts(name, stage):
     for flag, (field, parse) in SCRIPT_FLAGS.items():
         if flag in flags:
             assert getattr(recipe, field) == parse(flags[flag]), (flag, flags[flag], getattr(recipe, field))
-    assert recipe.image_aspect_ratio == flags.get("--image_aspect_ratio", "square")
+        elif field in SCRIPT_DEFAULTS:
+            assert getattr(recipe, field) == SCRIPT_DEFAULTS[field], (flag, "not passed", getattr(recipe, field))
     assert recipe.model_max_length == 2048  # the scripts' value (the fixtures ran with 320 on CPU)
     assert recipe.bf16  # the scripts' --bf16 True (the fixtures ran on CPU without)

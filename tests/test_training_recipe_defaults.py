@@ -1,12 +1,10 @@
-"""The recipes' defaults are the original scripts' values: for MMFuser and Layer_Select_Fuse the arguments the golden
-fixtures recorded when they ran each original `train()` with its scripts' flags (`trainable.json` `argv`); for IGVA
-the values of its released scripts `scripts/v1_5/pretrain_balance.sh` and `finetune_balance(1).sh` (no golden
-data: written out here), including its stage 1 padding images to a square, which LLaVA-1.5's stage 1 does not."""
+"""The recipes' defaults are the original scripts' values. For MMFuser and Layer_Select_Fuse they are checked against
+the arguments the golden fixtures recorded (test_training_parity.py::test_recipe_defaults_are_the_original_scripts);
+here, for IGVA, against the values of its released scripts `scripts/v1_5/pretrain_balance.sh` and
+`finetune_balance(1).sh` (no golden data: written out here), including its stage 1 padding images to a square, which
+LLaVA-1.5's stage 1 does not."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,66 +13,6 @@ from PIL import Image
 
 from llava_multilayer.training import load_recipe
 from llava_multilayer.training.data import expand2square
-
-
-FIXTURES = Path(__file__).parent / "fixtures"
-# Script flag -> Recipe field; `--model_max_length` is left out (the fixtures ran with 320 instead of 2048).
-FLAGS = {
-    "--learning_rate": ("learning_rate", float),
-    "--weight_decay": ("weight_decay", float),
-    "--warmup_ratio": ("warmup_ratio", float),
-    "--warmup_steps": ("warmup_steps", int),
-    "--num_train_epochs": ("num_train_epochs", float),
-    "--max_steps": ("max_steps", int),
-    "--per_device_train_batch_size": ("per_device_train_batch_size", int),
-    "--gradient_accumulation_steps": ("gradient_accumulation_steps", int),
-    "--save_steps": ("save_steps", int),
-    "--save_total_limit": ("save_total_limit", int),
-    "--lr_scheduler_type": ("lr_scheduler_type", str),
-    "--image_aspect_ratio": ("image_aspect_ratio", str),
-    "--group_by_modality_length": ("group_by_modality_length", lambda value: value == "True"),
-    "--mm_projector_lr": ("mm_projector_lr", float),
-    "--ms_cross_attn_lr": ("ms_cross_attn_lr", float),
-    "--lora_r": ("lora_r", int),
-    "--lora_alpha": ("lora_alpha", int),
-    "--version": ("template", lambda value: {"v1": "vicuna_v1", "plain": "plain"}[value]),
-}
-# What the original `TrainingArguments` / `DataArguments` default to when a script does not pass the flag.
-UNSET = {
-    "warmup_ratio": 0.0,
-    "warmup_steps": 0,
-    "max_steps": -1,
-    "image_aspect_ratio": "square",
-    "group_by_modality_length": False,
-    "mm_projector_lr": None,
-    "ms_cross_attn_lr": None,
-}
-
-
-def script_values(argv: list[str]) -> dict:
-    """Recipe fields set by a recorded `train()` argv (a repeated flag: the last value, as argparse takes it)."""
-    values = dict(UNSET)
-    for flag, value in zip(argv, argv[1:]):
-        if flag in FLAGS:
-            field, parse = FLAGS[flag]
-            values[field] = parse(value)
-    return values
-
-
-@pytest.mark.parametrize(
-    ("fixture", "family", "stages"),
-    [
-        ("training-mmfuser-clip", "mmfuser", {"pretrain": "pretrain", "finetune": "finetune", "lora": "lora"}),
-        ("training-lsf-E_D-clip-3-18-23", "layer_select_fuse", {"pretrain": "pretrain", "finetune": "finetune"}),
-    ],
-)
-def test_defaults_equal_the_recorded_script_arguments(fixture, family, stages):
-    recorded = json.loads((FIXTURES / fixture / "trainable.json").read_text())
-    for stage, key in stages.items():
-        recipe = load_recipe(stage, family=family)
-        for field, value in script_values(recorded[key]["argv"]).items():
-            assert getattr(recipe, field) == value, (family, stage, field)
-        assert recipe.model_max_length == 2048
 
 
 def test_layer_select_fuse_internal_modular_stage_1_uses_the_same_script():
