@@ -53,9 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerModel  # noqa: E402
 from llava_multilayer.deformable_fusion_llava_multilayer import MMFuserDeformableSampling  # noqa: E402
-from llava_multilayer.instruction_guided_fusion_llava_multilayer import InstructionEncoder  # noqa: E402
-from llava_multilayer.modeling_llava_multilayer import PROJECTOR_CLASSES  # noqa: E402
-from llava_multilayer.projection_llava_multilayer import LlavaMultiLayerMLPProjector  # noqa: E402
+from llava_multilayer.instruction_encoder_llava_multilayer import InstructionEncoder  # noqa: E402
+from llava_multilayer.fusion_registry_llava_multilayer import fusion_projector_class  # noqa: E402
+from llava_multilayer.fusion_llava_multilayer import LlavaMultiLayerMLPProjector  # noqa: E402
 
 INSTRUCTION_LENGTH = 32
 
@@ -176,7 +176,7 @@ def multilayer_image_model(config: LlavaMultiLayerConfig, tower: nn.Module, devi
     with torch.device("meta"):
         model = LlavaMultiLayerModel(config)
     model.vision_tower = tower
-    model.multi_modal_projector = PROJECTOR_CLASSES[config.fusion_type](config).to(device, dtype)
+    model.multi_modal_projector = fusion_projector_class(config.fusion_type)(config).to(device, dtype)
     if model.instruction_encoder is not None:
         model.instruction_encoder = InstructionEncoder(config.instruction_encoder_config).to(device, dtype)
     if model.internal_projectors is not None:

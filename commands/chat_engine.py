@@ -174,25 +174,17 @@ def to_chat_template_messages(messages) -> tuple[list[dict], list]:
 
 def _fused_layers_description(config) -> list[str]:
     """Human-readable lines saying which vision layers the model fuses, and how (from its config)."""
-    fusion = config.fusion_type
-    layers = config.vision_feature_layer
-    if fusion == "single":
-        lines = [f"single layer (LLaVA-1.5): vision layer {layers}"]
-    elif fusion == "concat":
-        lines = [f"concatenation of vision layers {layers}"]
-    elif fusion == "mmfuser":
-        lines = [f"MMFuser: vision layer {layers[-1]} queries layers {layers[:-1]}"]
-    else:
-        groups = ", ".join(f"{group[0]}-{group[-1]}" for group in config.igva_layer_groups)
-        rule = "uniform average" if config.igva_aggregate_by_average else "weighted by the instruction"
-        lines = [f"IGVA: base layer {layers} + groups of layers {groups} ({rule})"]
+    from llava_multilayer.fusion_registry_llava_multilayer import fusion_projector_class
+    from llava_multilayer.internal_fusion_llava_multilayer import internal_fusion_layer_class
+
+    lines = [fusion_projector_class(config.fusion_type).describe(config)]
     if config.internal_fusion_type is not None:
-        kind = "added to" if config.internal_fusion_type == "add" else "cross-attended by"
+        verb = internal_fusion_layer_class(config.internal_fusion_type).verb
         pairs = ", ".join(
             f"layer {config.internal_feature_layers[feature]} -> decoder layer {decoder}"
             for decoder, feature in config.internal_layer_map
         )
-        lines.append(f"internal fusion: vision features {kind} decoder layers ({pairs})")
+        lines.append(f"internal fusion: vision features {verb} decoder layers ({pairs})")
     return lines
 
 
@@ -225,9 +217,11 @@ class ChatEngine:
 
     @property
     def layer_group_labels(self) -> list[str]:
-        """IGVA: one label per layer group (empty for other models)."""
-        groups = self.model.config.igva_layer_groups or []
-        return [f"layers {group[0]}-{group[-1]}" if len(group) > 1 else f"layer {group[0]}" for group in groups]
+        """One label per fused layer group of fusers that weight them (IGVA); empty for the others."""
+        from llava_multilayer.fusion_registry_llava_multilayer import fusion_projector_class
+
+        config = self.model.config
+        return fusion_projector_class(config.fusion_type).fusion_weight_labels(config)
 
     def prepare(self, messages) -> PreparedRequest:
         """Validates OpenAI chat `messages` and builds the model inputs (prompt from the chat template; for IGVA
@@ -253,11 +247,12 @@ class ChatEngine:
         return PreparedRequest(prompt=prompt, inputs=inputs, num_images=len(images), instruction=instruction)
 
     def fusion_weights(self, prepared: PreparedRequest) -> list[list[float]] | None:
-        """IGVA: the layer-group weights of each image of `prepared`, `(num_images, num_groups)`; else `None`."""
+        """The layer-group weights of each image of `prepared`, `(num_images, num_groups)`, for fusers that weight
+        their layer groups (IGVA); else `None`."""
         import torch
 
         inputs = prepared.inputs
-        if self.model.config.fusion_type != "igva" or "pixel_values" not in inputs:
+        if not self.layer_group_labels or "pixel_values" not in inputs:
             return None
         kwargs = {key: inputs[key].to(self.model.device) for key in inputs if key.startswith("instruction_")}
         with self._lock, torch.inference_mode():

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from .. import __version__
 from .errors import CommandError
 
+
 #: Environment variable that makes errors show their traceback (as `--debug` does).
 DEBUG_ENV = "LLAVA_MULTILAYER_DEBUG"
 

@@ -26,6 +26,7 @@ import json
 import tempfile
 from pathlib import Path
 
+
 DEMO_DATA = Path(__file__).parent / "demo_data"
 
 
@@ -46,7 +47,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """Runs the demo; returns 0 when the converted model reproduces the original implementation's tokens, else 1."""
     if args.output_dir is None:
         with tempfile.TemporaryDirectory(prefix="llava-multilayer-demo-") as directory:
-            return _demo(Path(directory) / "mmfuser-demo", overwrite=False, keep=False)
+            return _demo(Path(directory) / "converted", overwrite=False, keep=False)
     return _demo(Path(args.output_dir), overwrite=args.overwrite, keep=True)
 
 

@@ -23,6 +23,7 @@ import json
 import re
 from pathlib import Path
 
+
 #: A Hub repo id (`name` or `owner/name`), as opposed to a local path.
 REPO_ID_PATTERN = re.compile(r"[\w.-]+(/[\w.-]+)?")
 

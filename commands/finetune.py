@@ -58,9 +58,15 @@ from llava_multilayer import (
     LlavaMultiLayerProcessor,
 )
 from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
-from llava_multilayer.conversion.pipeline import describe_location
 from llava_multilayer.conversion.model_card import write_merged_model_card
 from llava_multilayer.conversion.output_dir import atomic_output_dir, created_parents, remove_empty
+from llava_multilayer.conversion.pipeline import describe_location
+from llava_multilayer.fusion_registry_llava_multilayer import original_family
+from llava_multilayer.module_roles_llava_multilayer import (
+    fully_trained_modules,
+    fully_trained_parameters,
+    quantization_skip_modules,
+)
 
 from .errors import CommandError, check_model_dir, check_output_dir, is_repo_id
 from .finetune_data import ConversationCollator, ConversationDataset, load_records, to_messages
@@ -70,8 +76,6 @@ from .finetune_data import ConversationCollator, ConversationDataset, load_recor
 FINETUNE_RECORD_NAME = "finetune_record.json"
 #: What `merge-lora` records about a merge (family, base model, adapter, training data); `inspect` reads it.
 MERGE_RECORD_NAME = "merge_report.json"
-#: Family of a model by its fusion settings, for a base that has no recorded family.
-FAMILY_OF_FUSION = {"mmfuser": "mmfuser", "igva": "igva", "concat": "layer_select_fuse"}
 
 
 #: LoRA targets: the language model's own linear layers. `peft` full-matches this against module names, so the
@@ -85,50 +89,8 @@ NON_LORA_TRAINABLES_NAME = "non_lora_trainables.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# What is trained, frozen and quantized
+# The LoRA recipe (what is trained in full and what stays unquantized: `module_roles_llava_multilayer`)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _cross_fusion_layers(config: LlavaMultiLayerConfig) -> list[str]:
-    if config.internal_fusion_type != "cross_attention":
-        return []
-    return [f"model.language_model.layers.{layer}" for layer in sorted(config.internal_layer_to_feature)]
-
-
-def fully_trained_modules(config: LlavaMultiLayerConfig) -> list[str]:
-    """Full names of the modules trained in full (peft `modules_to_save`): the external fuser + projector, each
-    internal projector and the cross-fusion modules of each internal cross-attention layer."""
-    names = ["model.multi_modal_projector"]
-    if config.internal_fusion_type is not None:
-        names += [f"model.internal_projectors.{index}" for index in range(len(config.internal_feature_layers))]
-    norms = {"post_cross": ["cross_attn_norm", "cross_mlp_norm"], "parallel": ["cross_mlp_norm"]}
-    for layer in _cross_fusion_layers(config):
-        for name in ["cross_attn", "cross_mlp", *norms.get(config.internal_fusion_placement, [])]:
-            names.append(f"{layer}.{name}")
-    return names
-
-
-def fully_trained_parameters(config: LlavaMultiLayerConfig) -> list[str]:
-    """Full names of the trainable bare parameters (the cross-fusion gates), which peft cannot wrap."""
-    gates = ("cross_attn_gate", "cross_mlp_gate")
-    return [f"{layer}.{gate}" for layer in _cross_fusion_layers(config) for gate in gates]
-
-
-def quantization_skip_modules(config: LlavaMultiLayerConfig) -> list[str]:
-    """`llm_int8_skip_modules` for QLoRA: everything but the language model's own linear layers stays unquantized.
-
-    Full names are needed: transformers matches a skip entry from the start of the module name or as a suffix, so a
-    bare `"multi_modal_projector"` would not match `model.multi_modal_projector.linear_1`. The
-    list replaces transformers' default skips, so `lm_head` is listed too.
-    """
-    names = [
-        "model.vision_tower",
-        "model.multi_modal_projector",
-        "model.internal_projectors",
-        "model.instruction_encoder",
-    ]
-    names += [f"{layer}.{name}" for layer in _cross_fusion_layers(config) for name in ("cross_attn", "cross_mlp")]
-    return names + ["lm_head"]
 
 
 def build_lora_config(config: LlavaMultiLayerConfig, r: int = 128, alpha: int = 256, dropout: float = 0.05):
@@ -495,13 +457,6 @@ def merge_lora(
     return output_dir
 
 
-def _family_of(config) -> str | None:
-    """The family a model's fusion settings belong to (internal fusion and concat: Layer_Select_Fuse)."""
-    if config.internal_fusion_type is not None:
-        return "layer_select_fuse"
-    return FAMILY_OF_FUSION.get(config.fusion_type)
-
-
 def merge_record(adapter_dir: str | os.PathLike, base_path: str, base_given: bool, config) -> dict:
     """What a merged checkpoint records about itself, without local paths: family, base model, adapter, data."""
     adapter_dir = Path(adapter_dir)
@@ -515,7 +470,7 @@ def merge_record(adapter_dir: str | os.PathLike, base_path: str, base_given: boo
         if Path(base_path, name).is_file():
             base_report = json.loads(Path(base_path, name).read_text(encoding="utf-8"))
             break
-    family = base_report.get("family") or _family_of(config)
+    family = base_report.get("family") or original_family(config)
     hub_base = [str(base_path)] if is_repo_id(str(base_path)) else list(base_report.get("base_model") or [])
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     return {
@@ -542,7 +497,9 @@ def merge_record(adapter_dir: str | os.PathLike, base_path: str, base_given: boo
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `llava-multilayer finetune` flags to `parser` (a parser or sub-parser) and returns it."""
-    parser.add_argument("--model", required=True, help="Directory or Hub id of the llava_multilayer model to finetune.")
+    parser.add_argument(
+        "--model", required=True, help="Directory or Hub id of the llava_multilayer model to finetune."
+    )
     parser.add_argument(
         "--data", required=True, help="Training data: .json/.jsonl (LLaVA or chat-message records) or a Hub dataset."
     )
@@ -589,7 +546,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--save-total-limit", type=int, default=2, help="Checkpoints kept (default: 2).")
     parser.add_argument("--dataloader-num-workers", type=int, default=0, help="Data loading processes (default: 0).")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. examples/deepspeed_zero2.json).")
-    parser.add_argument("--report-to", default="none", help="Trainer loggers, e.g. tensorboard, wandb (default: none).")
+    parser.add_argument(
+        "--report-to", default="none", help="Trainer loggers, e.g. tensorboard, wandb (default: none)."
+    )
     return parser
 
 

@@ -254,8 +254,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             start += len(chunk)
         if ids != input_ids.tolist():
             raise ValueError(
-                "Re-tokenizing the prompt did not reproduce the processor's input_ids, so the labels cannot be placed. "
-                f"Prompt: {prompt[:200]!r}"
+                "Re-tokenizing the prompt did not reproduce the processor's input_ids, so the labels cannot be "
+                f"placed. Prompt: {prompt[:200]!r}"
             )
         return torch.tensor(mask, dtype=torch.bool)
 
@@ -270,7 +270,7 @@ def _instruction(messages: list[dict]) -> str:
             return " ".join(item["text"] for item in content if item.get("type") == "text").strip()
         if isinstance(content, str) and "<image>" in content:
             return content.replace("<image>", "").strip()
-    raise ValueError("An igva sample needs a user turn with the image, whose text is the instruction.")
+    raise ValueError("An instruction-guided sample needs a user turn with the image, whose text is the instruction.")
 
 
 @dataclass

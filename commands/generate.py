@@ -31,15 +31,6 @@ from typing import TextIO
 
 from .errors import CommandError, check_model_dir
 
-#: Modules kept out of bitsandbytes quantization. Names are matched from the start of the full module name (or as a
-#: suffix), so they must be full names: a bare "vision_tower" would not match `model.vision_tower`.
-QUANTIZATION_SKIP_MODULES = [
-    "model.vision_tower",
-    "model.multi_modal_projector",
-    "model.internal_projectors",
-    "model.instruction_encoder",
-    "lm_head",
-]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 EXIT_COMMANDS = ("exit", "quit")
@@ -163,15 +154,19 @@ def check_arguments(args: argparse.Namespace, command: str) -> None:
     check_device(args.device)
 
 
-def quantization_config(args: argparse.Namespace):
-    """The `BitsAndBytesConfig` asked for by `--load-in-4bit` / `--load-in-8bit`, or `None`."""
+def quantization_config(args: argparse.Namespace, config):
+    """The `BitsAndBytesConfig` asked for by `--load-in-4bit` / `--load-in-8bit` for a model of `config` (everything
+    but the language model's own linear layers stays unquantized, as in QLoRA finetuning), or `None`."""
     if not (args.load_in_4bit or args.load_in_8bit):
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
+    from llava_multilayer.module_roles_llava_multilayer import quantization_skip_modules
+
+    skip_modules = quantization_skip_modules(config)
     if args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     if args.dtype not in ("auto", "float32"):
         compute_dtype = getattr(torch, args.dtype)
     else:
@@ -181,7 +176,7 @@ def quantization_config(args: argparse.Namespace):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES,
+        llm_int8_skip_modules=skip_modules,
     )
 
 
@@ -195,16 +190,19 @@ def _device_map(device: str):
 
 def load_model_and_processor(args: argparse.Namespace):
     """Loads `args.model` (model in eval mode, processor) as the model flags ask."""
-    import llava_multilayer  # noqa: F401  (registers the model family with the Auto classes)
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    import llava_multilayer  # noqa: F401  (registers the model family with the Auto classes)
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    config = AutoConfig.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(
         args.model,
         dtype=dtype,
         device_map=_device_map(args.device),
-        quantization_config=quantization_config(args),
+        config=config,
+        quantization_config=quantization_config(args, config),
     )
     processor = AutoProcessor.from_pretrained(args.model)
     # The command bounds answers with --max-new-tokens; a `max_length` kept from the original training (the 4096 of
@@ -346,7 +344,6 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
 
 
 __all__ = [
-    "QUANTIZATION_SKIP_MODULES",
     "add_chat_arguments",
     "add_generate_arguments",
     "check_arguments",

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .errors import CommandError, is_repo_id
 
+
 #: Components of a converted model, by parameter-name pattern (first match wins).
 CONVERTED_COMPONENTS = [
     ("vision tower", r"model\.vision_tower\."),
@@ -152,7 +153,10 @@ def _local_files(path: str) -> Path:
 def describe_converted(path: str) -> dict:
     """The description of a converted (llava_multilayer) checkpoint; weights are not loaded."""
     import torch
+
     from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration
+    from llava_multilayer.fusion_registry_llava_multilayer import fusion_projector_class
+    from llava_multilayer.internal_fusion_llava_multilayer import internal_fusion_layer_class
 
     directory = _local_files(path)
     config = LlavaMultiLayerConfig.from_pretrained(directory)
@@ -173,14 +177,14 @@ def describe_converted(path: str) -> dict:
         "vision_feature_layer": config.vision_feature_layer,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
     }
-    if config.fusion_type == "igva":
-        layers["igva_layer_groups"] = config.igva_layer_groups
-        strategy["igva_aggregate_by_average"] = config.igva_aggregate_by_average
+    fuser = fusion_projector_class(config.fusion_type)
+    layers.update({name: getattr(config, name) for name in fuser.layer_config_fields})
+    strategy.update({name: getattr(config, name) for name in fuser.strategy_config_fields})
     if config.internal_fusion_type is not None:
         layers["internal_feature_layers"] = config.internal_feature_layers
         layers["internal_layer_map"] = config.internal_layer_map
-        if config.internal_fusion_type == "cross_attention":
-            strategy["internal_fusion_placement"] = config.internal_fusion_placement
+        wrapper = internal_fusion_layer_class(config.internal_fusion_type)
+        strategy.update({name: getattr(config, name) for name in wrapper.strategy_config_fields})
 
     files, stored_dtypes = [], Counter()
     for weights in sorted(Path(directory).glob("*.safetensors")):
@@ -262,8 +266,9 @@ def _original_tensors(directory: Path) -> tuple[str, list[Path], dict[str, tuple
 def describe_original(path: str | Path) -> dict:
     """What `llava-multilayer convert` would do with an original checkpoint directory; weights are not loaded
     (safetensors headers only)."""
-    from llava_multilayer.conversion.reading import load_original_config
     from transformers import AutoConfig
+
+    from llava_multilayer.conversion.reading import load_original_config
 
     from .convert import FAMILY_MODULES, family_of_directory
 

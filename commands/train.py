@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 
+from llava_multilayer.conversion.families import FAMILY_MODULES
+
 from .errors import CommandError
 
 
@@ -78,7 +80,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--output-dir", required=True, help="Checkpoints and the final model + processor.")
     parser.add_argument(
-        "--family", choices=["mmfuser", "layer_select_fuse", "igva"], help="Family, when it cannot be detected."
+        "--family", choices=list(FAMILY_MODULES), help="Original codebase of the recipe, when it cannot be detected."
     )
     for name, kind in RECIPE_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="(default: the recipe's)")

@@ -52,7 +52,7 @@ class WebDemo:
 
     def __init__(self, engine: ChatEngine):
         self.engine = engine
-        self.shows_weights = engine.model.config.fusion_type == "igva"
+        self.shows_weights = bool(engine.layer_group_labels)
 
     def respond(
         self, question: str, image, conversation: list[dict], max_tokens: int, temperature: float

@@ -76,7 +76,7 @@ from llava_multilayer.conversion.reading import (
     load_torch_file,
     resolve_local_dir,
 )
-from llava_multilayer.instruction_guided_fusion_llava_multilayer import InstructionEncoder
+from llava_multilayer.instruction_encoder_llava_multilayer import InstructionEncoder
 
 
 logger = logging.getLogger(__name__)

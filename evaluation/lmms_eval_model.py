@@ -37,6 +37,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
+from transformers import AutoConfig
 
 import llava_multilayer  # noqa: F401  (registers the model family with the Auto classes)
 
@@ -95,7 +96,8 @@ class LlavaMultiLayerLmms(lmms):
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         quantization = quantization_config(
-            argparse.Namespace(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, dtype=dtype)
+            argparse.Namespace(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, dtype=dtype),
+            AutoConfig.from_pretrained(pretrained, revision=revision),
         )
         self._model = AutoModelForImageTextToText.from_pretrained(
             pretrained,

@@ -25,6 +25,7 @@ import importlib
 import importlib.abc
 import sys
 
+
 __version__ = "0.1.0"
 
 #: Public name -> module (of this package) that defines it.

@@ -57,6 +57,7 @@ from transformers.utils import can_return_tuple
 # Renders a chat template with the tokenizer's Jinja environment (used to mark assistant turns in training data).
 from transformers.utils.chat_template_utils import render_jinja_template
 
+
 # The name under which the installed transformers passes the cache to forwards and returns it in outputs.
 _OUTPUT_FIELDS = {field.name for field in dataclasses.fields(BaseModelOutputWithPast)}
 CACHE_ARGUMENT = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"

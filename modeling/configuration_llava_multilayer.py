@@ -18,10 +18,6 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
-FUSION_TYPES = ("single", "concat", "mmfuser", "igva")
-INTERNAL_FUSION_TYPES = ("add", "cross_attention")
-INTERNAL_FUSION_PLACEMENTS = ("pre_cross", "post_cross", "parallel")
-
 
 # LLaVA-1.5's vision tower, CLIP ViT-L/14 at 336 px, the default of all three original codebases.
 DEFAULT_VISION_CONFIG = {
@@ -45,7 +41,7 @@ def _sub_config(value: dict | PreTrainedConfig | None, default_model_type: str, 
     return AutoConfig.for_model(value.pop("model_type", default_model_type), **value)
 
 
-def _flatten_layers(layers) -> list[int]:
+def flatten_layers(layers) -> list[int]:
     """Flattens an `int | list[int | list[int]]` layer selection into the list of indices it uses."""
     if isinstance(layers, int):
         return [layers]
@@ -91,9 +87,9 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
             entry is the query of the deformable cross-attention and the others are its value levels.
             `igva`: the base layer whose patches are concatenated before the fused ones.
         fusion_type (`str`, *optional*, defaults to `"single"`):
-            External fuser: `"single"` (LLaVA-1.5), `"concat"` (channel concatenation, Layer_Select_Fuse E_D),
-            `"mmfuser"` (deformable cross/self-attention, MMFuser and Layer_Select_Fuse E_M) or `"igva"`
-            (instruction-guided weighting of layer groups).
+            External fuser, one of `fusion_registry_llava_multilayer.FUSION_PROJECTORS`: `"single"` (LLaVA-1.5),
+            `"concat"` (channel concatenation, Layer_Select_Fuse E_D), `"mmfuser"` (deformable cross/self-attention,
+            MMFuser and Layer_Select_Fuse E_M) or `"igva"` (instruction-guided weighting of layer groups).
         mmfuser_num_heads (`int`, *optional*, defaults to 16):
             Heads of the deformable attentions of the `mmfuser` block.
         mmfuser_num_points (`int`, *optional*, defaults to 4):
@@ -151,7 +147,7 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
     multimodal_projector_bias: bool = True
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     vision_feature_layer: int | list[int | list[int]] = -2
-    fusion_type: Literal["single", "concat", "mmfuser", "igva"] = "single"
+    fusion_type: str = "single"
     mmfuser_num_heads: int = 16
     mmfuser_num_points: int = 4
     mmfuser_layer_norm_eps: float = 1e-6
@@ -182,7 +178,8 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
         """Length of the vision tower's `hidden_states` tuple (embeddings + one entry per encoder layer)."""
         return self.vision_config.num_hidden_layers + 1
 
-    def _check_layer_indices(self, name: str, indices: list[int]) -> None:
+    def check_layer_indices(self, name: str, indices: list[int]) -> None:
+        """Raises unless every index of the field `name` is a hidden-state index of the vision tower."""
         n = self.num_vision_hidden_states
         bad = [i for i in indices if not -n <= i < n]
         if bad:
@@ -191,85 +188,57 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
                 f"must lie in [{-n}, {n - 1}] (0 = embeddings, {n - 1} = last layer)."
             )
 
-    def validate_fusion(self):
-        """Checks that the fusion settings fit together and fit the vision tower and language model."""
-        layers = self.vision_feature_layer
-        if self.fusion_type in ("single", "igva") and not isinstance(layers, int):
-            raise ValueError(
-                f"`vision_feature_layer` must be a single int for fusion_type={self.fusion_type!r}, got {layers!r}."
-            )
-        if self.fusion_type in ("concat", "mmfuser"):
-            if not isinstance(layers, list) or not layers:
-                raise ValueError(
-                    f"`vision_feature_layer` must be a non-empty list for fusion_type={self.fusion_type!r}, "
-                    f"got {layers!r}."
-                )
-            for entry in layers:
-                if isinstance(entry, list):
-                    if self.fusion_type == "mmfuser":
-                        raise ValueError(
-                            f"`vision_feature_layer` of an `mmfuser` fuser lists single indices, got the group {entry}."
-                        )
-                    _check_group("vision_feature_layer", entry, self.num_vision_hidden_states)
-        self._check_layer_indices("vision_feature_layer", _flatten_layers(layers))
+    def validate_external_fusion(self):
+        """The fuser exists, its settings fit it (its own `validate_config`) and fit the vision tower, and no other
+        fuser's own fields are set."""
+        from .fusion_registry_llava_multilayer import FUSION_PROJECTORS, fusion_projector_class
 
-        if self.fusion_type == "mmfuser":
-            if len(layers) < 2:
-                raise ValueError(
-                    "An `mmfuser` fuser needs at least two layers in `vision_feature_layer` (value levels, then the "
-                    f"query layer last), got {layers!r}."
-                )
-            _check_divisible("vision_config.hidden_size", self.vision_config.hidden_size, "mmfuser_num_heads",
-                             self.mmfuser_num_heads)
-            if self.mmfuser_num_points < 1:
-                raise ValueError(f"`mmfuser_num_points` must be >= 1, got {self.mmfuser_num_points}.")
-
-        if self.fusion_type == "igva":
-            groups = self.igva_layer_groups
-            if not groups:
-                raise ValueError("fusion_type='igva' needs `igva_layer_groups`, a non-empty list of index lists.")
-            for group in groups:
-                _check_group("igva_layer_groups", group, self.num_vision_hidden_states)
-            self._check_layer_indices("igva_layer_groups", [i for g in groups for i in g])
-            if not self.igva_aggregate_by_average:
-                if self.instruction_encoder_config is None:
+        fuser = fusion_projector_class(self.fusion_type)
+        fuser.validate_config(self)
+        self.check_layer_indices("vision_feature_layer", flatten_layers(self.vision_feature_layer))
+        for other in FUSION_PROJECTORS.values():
+            for name in other.exclusive_config_fields:
+                if other is not fuser and getattr(self, name) is not None:
                     raise ValueError(
-                        "fusion_type='igva' with igva_aggregate_by_average=False needs `instruction_encoder_config` "
-                        "(the sentence encoder that embeds the instruction, e.g. an `mpnet` config)."
+                        f"`{name}` is only used with fusion_type={other.fusion_type!r}, not {self.fusion_type!r}."
                     )
-                _check_divisible("igva_hidden_size", self.igva_hidden_size, "igva_num_heads", self.igva_num_heads)
-                encoder_width = self.instruction_encoder_config.hidden_size
-                if self.igva_sentence_embed_dim is not None and self.igva_sentence_embed_dim != encoder_width:
-                    raise ValueError(
-                        f"`igva_sentence_embed_dim` ({self.igva_sentence_embed_dim}) is the input width of the weight "
-                        f"allocator, but the instruction encoder (`instruction_encoder_config.hidden_size`) produces "
-                        f"{encoder_width}-wide embeddings: use the encoder the allocator was trained with."
-                    )
-        elif self.igva_layer_groups is not None:
-            raise ValueError(f"`igva_layer_groups` is only used with fusion_type='igva', not {self.fusion_type!r}.")
 
+    def validate_internal_fusion(self):
+        """Internal fusion has its feature layers and decoder-layer map, or none of them."""
         if self.internal_fusion_type is None:
             if self.internal_feature_layers or self.internal_layer_map:
                 raise ValueError(
-                    "`internal_feature_layers`/`internal_layer_map` are set but `internal_fusion_type` is None; set it "
-                    "to 'add' or 'cross_attention'."
+                    "`internal_feature_layers`/`internal_layer_map` are set but `internal_fusion_type` is None; set "
+                    "it to 'add' or 'cross_attention'."
                 )
             return
-        features = self.internal_feature_layers
-        if not features:
+        if not self.internal_feature_layers:
             raise ValueError(
-                f"internal_fusion_type={self.internal_fusion_type!r} needs `internal_feature_layers`, a non-empty list."
+                f"internal_fusion_type={self.internal_fusion_type!r} needs `internal_feature_layers`, a non-empty "
+                "list."
             )
-        self._check_layer_indices("internal_feature_layers", features)
-        layer_map = self.internal_layer_map
-        if not layer_map:
+        self.check_layer_indices("internal_feature_layers", self.internal_feature_layers)
+        if not self.internal_layer_map:
             raise ValueError(
                 f"internal_fusion_type={self.internal_fusion_type!r} needs `internal_layer_map`, a non-empty list of "
                 "[decoder_layer, feature_index] pairs."
             )
+        if self.internal_fusion_type == "cross_attention":
+            check_divisible(
+                "text_config.hidden_size",
+                self.text_config.hidden_size,
+                "text_config.num_attention_heads",
+                self.text_config.num_attention_heads,
+            )
+
+    def validate_internal_layer_map(self):
+        """Each `[decoder_layer, feature_index]` pair names an existing decoder layer (once) and feature."""
+        if self.internal_fusion_type is None or not self.internal_feature_layers:
+            return
         num_decoder_layers = self.text_config.num_hidden_layers
+        num_features = len(self.internal_feature_layers)
         seen = set()
-        for pair in layer_map:
+        for pair in self.internal_layer_map or []:
             if len(pair) != 2:
                 raise ValueError(f"`internal_layer_map` entries are [decoder_layer, feature_index] pairs, got {pair}.")
             decoder_layer, feature_index = pair
@@ -278,17 +247,14 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
                     f"`internal_layer_map` names decoder layer {decoder_layer}, but the language model has "
                     f"{num_decoder_layers} layers (valid: 0..{num_decoder_layers - 1})."
                 )
-            if not 0 <= feature_index < len(features):
+            if not 0 <= feature_index < num_features:
                 raise ValueError(
                     f"`internal_layer_map` names feature {feature_index}, but `internal_feature_layers` has "
-                    f"{len(features)} entries."
+                    f"{num_features} entries."
                 )
             if decoder_layer in seen:
                 raise ValueError(f"`internal_layer_map` names decoder layer {decoder_layer} twice.")
             seen.add(decoder_layer)
-        if self.internal_fusion_type == "cross_attention":
-            _check_divisible("text_config.hidden_size", self.text_config.hidden_size,
-                             "text_config.num_attention_heads", self.text_config.num_attention_heads)
 
     @property
     def internal_layer_to_feature(self) -> dict[int, int]:
@@ -296,7 +262,8 @@ class LlavaMultiLayerConfig(PreTrainedConfig):
         return {layer: feature for layer, feature in (self.internal_layer_map or [])}
 
 
-def _check_group(name: str, group, num_hidden_states: int) -> None:
+def check_layer_group(name: str, group, num_hidden_states: int) -> None:
+    """Raises unless `group`, an entry of the field `name`, is a non-empty list naming distinct hidden states."""
     if not isinstance(group, list) or not group:
         raise ValueError(f"`{name}` contains an empty or non-list group: {group!r}.")
     if len(set(group)) != len(group):
@@ -310,7 +277,8 @@ def _check_group(name: str, group, num_hidden_states: int) -> None:
         )
 
 
-def _check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
+def check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
+    """Raises unless the field `name` (`value`) is divisible by the field `divisor_name` (`divisor`)."""
     if divisor < 1 or value % divisor:
         raise ValueError(f"`{name}` ({value}) must be divisible by `{divisor_name}` ({divisor}).")
 

@@ -24,8 +24,8 @@ from torch import nn
 from transformers import initialization as init
 
 from .compatibility_llava_multilayer import MultiScaleDeformableAttention
-from .configuration_llava_multilayer import LlavaMultiLayerConfig
-from .projection_llava_multilayer import FusionOutput, LlavaMultiLayerMLPProjector, select_vision_feature
+from .configuration_llava_multilayer import LlavaMultiLayerConfig, check_divisible
+from .fusion_llava_multilayer import FusionOutput, FusionProjector, normalized_layer, select_vision_feature
 
 
 def square_grid_side(num_tokens: int, what: str) -> int:
@@ -102,13 +102,14 @@ class MMFuserDeformableSampling(MultiScaleDeformableAttention):
         bottom = attention_weights * fy * ((y0 >= -1) & (y0 < heights - 1))
         # (batch, queries, heads, 4 corners, levels, points)
         corner_weights = torch.stack([top * left, top * right, bottom * left, bottom * right], dim=3)
-        # Row of each corner in `value` viewed as (batch * tokens * heads, head_dim); a corner outside the map weighs 0,
-        # so clamping it to any row in range is harmless.
+        # Row of each corner in `value` viewed as (batch * tokens * heads, head_dim); a corner outside the map weighs
+        # 0, so clamping it to any row in range is harmless.
         batch_start = torch.arange(batch_size, device=value.device).view(-1, 1, 1, 1, 1) * num_values
         heads = torch.arange(num_heads, device=value.device).view(1, 1, -1, 1, 1)
         top_left = (batch_start + level_start_index[:, None] + y0 * widths + x0) * num_heads + heads
         row_step = widths * num_heads
-        rows = torch.stack([top_left, top_left + num_heads, top_left + row_step, top_left + row_step + num_heads], dim=3)
+        corners = [top_left, top_left + num_heads, top_left + row_step, top_left + row_step + num_heads]
+        rows = torch.stack(corners, dim=3)
         rows = rows.clamp_(0, batch_size * num_values * num_heads - 1)
         bags = batch_size * num_queries * num_heads  # one bag per query and head
         output = nn.functional.embedding_bag(
@@ -206,11 +207,14 @@ class MMFuserBlock(nn.Module):
         return query + self.cross_attn_scale * attended
 
 
-class MMFuserProjector(LlavaMultiLayerMLPProjector):
+class MMFuserProjector(FusionProjector):
     """`mmfuser` fuser: the MMFuser block over the selected layers, then the MLP projector.
 
     `vision_feature_layer[-1]` is the query layer, the other entries are the value levels in order.
     """
+
+    fusion_type = "mmfuser"
+    original_family = "mmfuser"
 
     def __init__(self, config: LlavaMultiLayerConfig):
         super().__init__(config, config.vision_config.hidden_size)
@@ -223,6 +227,66 @@ class MMFuserProjector(LlavaMultiLayerMLPProjector):
             num_points=config.mmfuser_num_points,
             layer_norm_eps=config.mmfuser_layer_norm_eps,
         )
+
+    @classmethod
+    def validate_config(cls, config: LlavaMultiLayerConfig) -> None:
+        layers = config.vision_feature_layer
+        if not isinstance(layers, list) or not layers:
+            raise ValueError(
+                f"`vision_feature_layer` must be a non-empty list for fusion_type={cls.fusion_type!r}, got {layers!r}."
+            )
+        for entry in layers:
+            if isinstance(entry, list):
+                raise ValueError(
+                    f"`vision_feature_layer` of an `mmfuser` fuser lists single indices, got the group {entry}."
+                )
+        if len(layers) < 2:
+            raise ValueError(
+                "An `mmfuser` fuser needs at least two layers in `vision_feature_layer` (value levels, then the "
+                f"query layer last), got {layers!r}."
+            )
+        width = config.vision_config.hidden_size
+        check_divisible("vision_config.hidden_size", width, "mmfuser_num_heads", config.mmfuser_num_heads)
+        if config.mmfuser_num_points < 1:
+            raise ValueError(f"`mmfuser_num_points` must be >= 1, got {config.mmfuser_num_points}.")
+
+    @classmethod
+    def describe(cls, config: LlavaMultiLayerConfig) -> str:
+        layers = config.vision_feature_layer
+        return f"MMFuser: vision layer {layers[-1]} queries layers {layers[:-1]}"
+
+    @classmethod
+    def init_module_weights(cls, module: nn.Module) -> None:
+        if isinstance(module, MMFuserBlock):
+            init_deformable_attention(module.cross_attn)
+            init_deformable_attention(module.self_attn)
+            init.zeros_(module.cross_attn_scale)
+            init.zeros_(module.self_attn_scale)
+
+    @classmethod
+    def upcycled_vision_feature_layer(cls, llava_layer: int | list[int]) -> list:
+        raise ValueError(
+            "fusion_type='mmfuser' needs `vision_feature_layer`: the value layers, then LLaVA's layer "
+            f"({llava_layer}) last as the query."
+        )
+
+    @classmethod
+    def upcycling_problems(cls, config: LlavaMultiLayerConfig, llava_layers: list[int]) -> list[str]:
+        layers = config.vision_feature_layer
+        if [normalized_layer(layers[-1], config.num_vision_hidden_states)] != llava_layers:
+            return [
+                f"the query layer (last entry of vision_feature_layer={layers}) is not LLaVA's layer {llava_layers}."
+            ]
+        return []
+
+    @torch.no_grad()
+    def init_from_llava(
+        self, config: LlavaMultiLayerConfig, llava_projector: nn.Module, llava_layers: list[int]
+    ) -> None:
+        """LLaVA's MLP, and zero residual scales: the block passes the query layer through unchanged."""
+        super().init_from_llava(config, llava_projector, llava_layers)
+        self.fuser.cross_attn_scale.zero_()
+        self.fuser.self_attn_scale.zero_()
 
     def fuse(self, vision_hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The MMFuser block output, `(num_images, tokens, vision_hidden)`, in the vision tower's dtype."""

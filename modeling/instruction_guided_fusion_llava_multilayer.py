@@ -11,32 +11,14 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""IGVA's instruction-guided fusion of layer groups (arXiv 2501.08443) and its sentence encoder."""
+"""IGVA's instruction-guided fusion of layer groups (arXiv 2501.08443)."""
 
 import torch
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig
+from transformers import initialization as init
 
-from .configuration_llava_multilayer import LlavaMultiLayerConfig
-from .projection_llava_multilayer import FusionOutput, LlavaMultiLayerMLPProjector, mean_of_hidden_states
-
-
-class InstructionEncoder(nn.Module):
-    """A sentence encoder built from transformers classes, as sentence-transformers' all-mpnet-base-v2 is defined:
-    the encoder model, mean pooling over the attended tokens, L2 normalisation. It is frozen.
-    """
-
-    def __init__(self, config: PreTrainedConfig):
-        super().__init__()
-        self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
-        self.requires_grad_(False)
-
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`(batch, length)` ids and mask -> unit-norm embeddings `(batch, hidden)`."""
-        token_embeddings = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
-        pooled = (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return nn.functional.normalize(pooled, p=2, dim=1)
+from .configuration_llava_multilayer import LlavaMultiLayerConfig, check_divisible, check_layer_group
+from .fusion_llava_multilayer import FusionOutput, FusionProjector, mean_of_hidden_states, normalized_layer
 
 
 class InstructionCrossAttention(nn.Module):
@@ -98,7 +80,7 @@ class InstructionGuidedAggregator(nn.Module):
         self.sentence_proj = nn.Linear(instruction_hidden_size, hidden_size)
         self.cls_proj = nn.Linear(vision_hidden_size, hidden_size)
         self.blocks = nn.ModuleList(
-            [InstructionGuidedAggregatorBlock(hidden_size, config.igva_num_heads) for _ in range(config.igva_num_blocks)]
+            InstructionGuidedAggregatorBlock(hidden_size, config.igva_num_heads) for _ in range(config.igva_num_blocks)
         )
         self.linear = nn.Linear(hidden_size, len(config.igva_layer_groups))
 
@@ -112,12 +94,18 @@ class InstructionGuidedAggregator(nn.Module):
         return self.linear(query).softmax(-1).squeeze(1)
 
 
-class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
+class InstructionGuidedProjector(FusionProjector):
     """`igva` fuser: `MLP(concat([base patches, sum_g w_g * group_patches_g]))`, weights from the instruction.
 
     Each group's hidden states are averaged (CLS included); with `igva_aggregate_by_average` the groups are
     averaged uniformly and no instruction is needed.
     """
+
+    fusion_type = "igva"
+    original_family = "igva"
+    exclusive_config_fields = ("igva_layer_groups",)
+    layer_config_fields = ("igva_layer_groups",)
+    strategy_config_fields = ("igva_aggregate_by_average",)
 
     def __init__(self, config: LlavaMultiLayerConfig):
         super().__init__(config, 2 * config.vision_config.hidden_size)
@@ -130,6 +118,75 @@ class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
             self.aggregator = InstructionGuidedAggregator(
                 config.vision_config.hidden_size, config.instruction_encoder_config.hidden_size, config
             )
+
+    @classmethod
+    def validate_config(cls, config: LlavaMultiLayerConfig) -> None:
+        super().validate_config(config)
+        groups = config.igva_layer_groups
+        if not groups:
+            raise ValueError("fusion_type='igva' needs `igva_layer_groups`, a non-empty list of index lists.")
+        for group in groups:
+            check_layer_group("igva_layer_groups", group, config.num_vision_hidden_states)
+        config.check_layer_indices("igva_layer_groups", [index for group in groups for index in group])
+        if config.igva_aggregate_by_average:
+            return
+        if config.instruction_encoder_config is None:
+            raise ValueError(
+                "fusion_type='igva' with igva_aggregate_by_average=False needs `instruction_encoder_config` "
+                "(the sentence encoder that embeds the instruction, e.g. an `mpnet` config)."
+            )
+        check_divisible("igva_hidden_size", config.igva_hidden_size, "igva_num_heads", config.igva_num_heads)
+        encoder_width = config.instruction_encoder_config.hidden_size
+        if config.igva_sentence_embed_dim is not None and config.igva_sentence_embed_dim != encoder_width:
+            raise ValueError(
+                f"`igva_sentence_embed_dim` ({config.igva_sentence_embed_dim}) is the input width of the weight "
+                f"allocator, but the instruction encoder (`instruction_encoder_config.hidden_size`) produces "
+                f"{encoder_width}-wide embeddings: use the encoder the allocator was trained with."
+            )
+
+    @classmethod
+    def needs_instruction_encoder(cls, config: LlavaMultiLayerConfig) -> bool:
+        return not config.igva_aggregate_by_average
+
+    @classmethod
+    def describe(cls, config: LlavaMultiLayerConfig) -> str:
+        groups = ", ".join(f"{group[0]}-{group[-1]}" for group in config.igva_layer_groups)
+        rule = "uniform average" if config.igva_aggregate_by_average else "weighted by the instruction"
+        return f"IGVA: base layer {config.vision_feature_layer} + groups of layers {groups} ({rule})"
+
+    @classmethod
+    def fusion_weight_labels(cls, config: LlavaMultiLayerConfig) -> list[str]:
+        groups = config.igva_layer_groups
+        return [f"layers {group[0]}-{group[-1]}" if len(group) > 1 else f"layer {group[0]}" for group in groups]
+
+    @classmethod
+    def init_module_weights(cls, module: nn.Module) -> None:
+        if isinstance(module, InstructionCrossAttention):
+            # `nn.MultiheadAttention`'s own initialisation, which transformers applies to that class.
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+            init.zeros_(module.out_proj.bias)
+
+    @classmethod
+    def upcycling_problems(cls, config: LlavaMultiLayerConfig, llava_layers: list[int]) -> list[str]:
+        problems = []
+        if [normalized_layer(config.vision_feature_layer, config.num_vision_hidden_states)] != llava_layers:
+            problems.append(f"the igva base layer {config.vision_feature_layer} is not LLaVA's layer {llava_layers}.")
+        if config.vision_feature_select_strategy != "default":
+            problems.append("igva always drops the first vision token, but the LLaVA model keeps it ('full').")
+        return problems
+
+    @torch.no_grad()
+    def init_from_llava(
+        self, config: LlavaMultiLayerConfig, llava_projector: nn.Module, llava_layers: list[int]
+    ) -> None:
+        """LLaVA's MLP on the base layer's half of `linear_1`'s input columns; the fused half is zero."""
+        self.linear_2.load_state_dict(llava_projector.linear_2.state_dict())
+        source = llava_projector.linear_1
+        if self.linear_1.bias is not None:
+            self.linear_1.bias.copy_(source.bias)
+        self.linear_1.weight.zero_()
+        self.linear_1.weight[:, : source.weight.shape[1]] = source.weight
 
     def fuse(
         self, vision_hidden_states: tuple[torch.Tensor, ...], instruction_embeds: torch.Tensor | None = None
@@ -169,7 +226,6 @@ class InstructionGuidedProjector(LlavaMultiLayerMLPProjector):
 
 __all__ = [
     "InstructionCrossAttention",
-    "InstructionEncoder",
     "InstructionGuidedAggregator",
     "InstructionGuidedAggregatorBlock",
     "InstructionGuidedProjector",

@@ -35,10 +35,12 @@ A wrapper is an instance of the wrapped layer's class too (`FeatureInjectionDeco
 import weakref
 from dataclasses import dataclass, fields
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers import Cache, GradientCheckpointingLayer, PreTrainedConfig
+from transformers import initialization as init
 
 from .compatibility_llava_multilayer import unwrap_layer_checkpointing
 
@@ -103,8 +105,61 @@ class InternalFusionDecoderLayer(GradientCheckpointingLayer):
     """Base of the internal-fusion wrappers: adopts a decoder layer's modules and attributes.
 
     Constructing a wrapper around a `decoder_layer` gives an instance of the wrapper class specialised to
-    `type(decoder_layer)` (a subclass of both, named as the wrapper).
+    `type(decoder_layer)` (a subclass of both, named as the wrapper). Each kind of internal fusion is one subclass,
+    registered in [`INTERNAL_FUSION_LAYERS`]; the class attributes and methods below are what the core model, the
+    commands and finetuning need from it.
     """
+
+    #: The value of `config.internal_fusion_type` that selects this wrapper.
+    internal_fusion_type: ClassVar[str]
+    #: How the features reach the decoder layers, in words ("added to").
+    verb: ClassVar[str]
+    #: Whether the inputs computed at a prompt's prefill serve the decode steps that continue its cache.
+    reuses_prompt_inputs: ClassVar[bool] = False
+    #: Config fields of this kind of fusion that `llava-multilayer inspect` shows.
+    strategy_config_fields: ClassVar[tuple[str, ...]] = ()
+    #: Names of the wrapper's own bare parameters (trained in full beside a LoRA adapter, which cannot wrap them).
+    trained_parameters: ClassVar[tuple[str, ...]] = ()
+    #: Names of the wrapper's own linear-holding modules, which are kept out of quantization.
+    unquantized_modules: ClassVar[tuple[str, ...]] = ()
+    #: Whether the wrapper leaves the decoder layer's output unchanged only when the injected features are zero
+    #: (it has no gate to close); upcycling then zeroes the internal projectors' last linear.
+    starts_unchanged_with_zero_features: ClassVar[bool] = False
+
+    @classmethod
+    def upcycling_problems(cls, config) -> list[str]:
+        """Why wrappers of `config` cannot start as the plain decoder layers (empty when they can)."""
+        return []
+
+    @classmethod
+    def wrap(cls, decoder_layer: nn.Module, layer_idx: int, config) -> "InternalFusionDecoderLayer":
+        """The wrapper of `decoder_layer` (index `layer_idx`) for a `LlavaMultiLayerConfig`."""
+        return cls(decoder_layer, layer_idx)
+
+    @classmethod
+    def trained_modules(cls, config) -> list[str]:
+        """Names of the wrapper's own modules, trained in full beside a LoRA adapter (peft `modules_to_save`)."""
+        return []
+
+    def init_fusion_weights(self) -> None:
+        """Initialises the wrapper's own parameters that transformers' `_init_weights` does not know (parameters
+        that were loaded stay)."""
+
+    def start_unchanged(self) -> None:
+        """Sets the wrapper's own parameters so that it computes what the plain decoder layer computes, where it can
+        (see [`upcycling_problems`]); used by upcycling."""
+
+    @classmethod
+    def fusion_inputs(
+        cls,
+        layers: list["InternalFusionDecoderLayer"],
+        features: dict[int, torch.Tensor],
+        image_token_mask: torch.Tensor,
+        num_image_tokens: int,
+    ) -> dict:
+        """`{layer_idx: inputs}` of one prompt for the wrappers `layers`, from `features[layer_idx]`, each of shape
+        `(num_images, num_image_tokens, hidden)`, and the `(batch, seq_len)` image-token mask of the prompts."""
+        raise NotImplementedError
 
     def __new__(cls, decoder_layer: nn.Module | None = None, *args, **kwargs):
         if decoder_layer is not None and not isinstance(decoder_layer, InternalFusionDecoderLayer):
@@ -155,6 +210,17 @@ class InternalFusionDecoderLayer(GradientCheckpointingLayer):
 
 class FeatureInjectionDecoderLayer(InternalFusionDecoderLayer):
     """I_D: `hidden[image positions] += features` before the decoder layer, at prefill (no gate, no norm)."""
+
+    internal_fusion_type = "add"
+    verb = "added to"
+    starts_unchanged_with_zero_features = True
+
+    @classmethod
+    def fusion_inputs(cls, layers, features, image_token_mask, num_image_tokens) -> dict[int, FeatureInjectionInputs]:
+        return {
+            layer.layer_idx: FeatureInjectionInputs(features[layer.layer_idx].flatten(0, 1), image_token_mask)
+            for layer in layers
+        }
 
     def forward(
         self,
@@ -231,6 +297,63 @@ class CrossAttentionFusionDecoderLayer(InternalFusionDecoderLayer):
     `post_cross` and `parallel` equal the plain decoder layer while both gates are zero.
     """
 
+    internal_fusion_type = "cross_attention"
+    verb = "cross-attended by"
+    reuses_prompt_inputs = True
+    strategy_config_fields = ("internal_fusion_placement",)
+    trained_parameters = ("cross_attn_gate", "cross_mlp_gate")
+    unquantized_modules = ("cross_attn", "cross_mlp")
+    #: The norms each placement adds, trained in full with the cross-attention and its MLP.
+    placement_norms: ClassVar[dict[str, tuple[str, ...]]] = {
+        "post_cross": ("cross_attn_norm", "cross_mlp_norm"),
+        "parallel": ("cross_mlp_norm",),
+    }
+
+    @classmethod
+    def wrap(cls, decoder_layer: nn.Module, layer_idx: int, config) -> "CrossAttentionFusionDecoderLayer":
+        return cls(decoder_layer, layer_idx, config.text_config, config.internal_fusion_placement)
+
+    @classmethod
+    def trained_modules(cls, config) -> list[str]:
+        return ["cross_attn", "cross_mlp", *cls.placement_norms.get(config.internal_fusion_placement, ())]
+
+    @classmethod
+    def upcycling_problems(cls, config) -> list[str]:
+        if config.internal_fusion_placement != "pre_cross":
+            return []
+        return [
+            "internal_fusion_placement='pre_cross' feeds the self-attention residual from the normed hidden state, "
+            "so the decoder layers change even with closed gates; 'post_cross' and 'parallel' start as the plain "
+            "layers."
+        ]
+
+    def init_fusion_weights(self) -> None:
+        """Closed gates: the layer starts as its placement's plain form."""
+        init.zeros_(self.cross_attn_gate)
+        init.zeros_(self.cross_mlp_gate)
+
+    @torch.no_grad()
+    def start_unchanged(self) -> None:
+        self.cross_attn_gate.zero_()
+        self.cross_mlp_gate.zero_()
+
+    @classmethod
+    def fusion_inputs(cls, layers, features, image_token_mask, num_image_tokens) -> dict[int, CrossAttentionInputs]:
+        """Each row's images, concatenated and padded to the longest row, as keys/values of each layer."""
+        images_per_row = (image_token_mask.sum(-1) // num_image_tokens).tolist()
+        batch_size = image_token_mask.shape[0]
+        feature_mask = torch.zeros(batch_size, max(max(images_per_row), 1) * num_image_tokens, dtype=torch.bool)
+        for row, count in enumerate(images_per_row):
+            feature_mask[row, : count * num_image_tokens] = True
+        feature_mask = feature_mask.to(image_token_mask.device)
+        inputs = {}
+        for layer in layers:
+            feature = features[layer.layer_idx]
+            per_row = feature.new_zeros(batch_size, feature_mask.shape[1], feature.shape[-1])
+            per_row[feature_mask] = feature.flatten(0, 1)
+            inputs[layer.layer_idx] = layer.cross_attention_inputs(per_row, feature_mask)
+        return inputs
+
     def __init__(self, decoder_layer: nn.Module, layer_idx: int, text_config: PreTrainedConfig, placement: str):
         super().__init__(decoder_layer, layer_idx)
         self.placement = placement
@@ -304,7 +427,23 @@ class CrossAttentionFusionDecoderLayer(InternalFusionDecoderLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+INTERNAL_FUSION_LAYERS: dict[str, type[InternalFusionDecoderLayer]] = {
+    layer.internal_fusion_type: layer for layer in (FeatureInjectionDecoderLayer, CrossAttentionFusionDecoderLayer)
+}
+
+
+def internal_fusion_layer_class(internal_fusion_type: str) -> type[InternalFusionDecoderLayer]:
+    """The decoder-layer wrapper of `internal_fusion_type`."""
+    return INTERNAL_FUSION_LAYERS[internal_fusion_type]
+
+
+def no_split_internal_fusion_layers() -> list[str]:
+    """Class names of the wrappers, which `device_map` keeps on one device with their cross-fusion modules."""
+    return [layer.__name__ for layer in INTERNAL_FUSION_LAYERS.values()]
+
+
 __all__ = [
+    "INTERNAL_FUSION_LAYERS",
     "CrossAttentionFusionDecoderLayer",
     "CrossAttentionInputs",
     "CrossAttentionKeyValueStore",
@@ -312,4 +451,6 @@ __all__ = [
     "FeatureInjectionInputs",
     "FusionCrossAttention",
     "InternalFusionDecoderLayer",
+    "internal_fusion_layer_class",
+    "no_split_internal_fusion_layers",
 ]

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, Cache, GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from .compatibility_llava_multilayer import (
@@ -29,33 +28,16 @@ from .compatibility_llava_multilayer import (
     returned_cache,
 )
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
-from .deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserProjector, init_deformable_attention
-from .instruction_guided_fusion_llava_multilayer import (
-    InstructionCrossAttention,
-    InstructionEncoder,
-    InstructionGuidedProjector,
-)
+from .fusion_llava_multilayer import LlavaMultiLayerMLPProjector, select_vision_feature
+from .fusion_registry_llava_multilayer import fusion_projector_class, no_split_module_names
+from .instruction_encoder_llava_multilayer import InstructionEncoder
 from .internal_fusion_llava_multilayer import (
-    CrossAttentionFusionDecoderLayer,
     CrossAttentionKeyValueStore,
-    FeatureInjectionDecoderLayer,
-    FeatureInjectionInputs,
     InternalFusionDecoderLayer,
-)
-from .projection_llava_multilayer import (
-    ConcatProjector,
-    LlavaMultiLayerMLPProjector,
-    SingleLayerProjector,
-    select_vision_feature,
+    internal_fusion_layer_class,
+    no_split_internal_fusion_layers,
 )
 from .upcycling_llava_multilayer import upcycle_llava
-
-PROJECTOR_CLASSES = {
-    "single": SingleLayerProjector,
-    "concat": ConcatProjector,
-    "mmfuser": MMFuserProjector,
-    "igva": InstructionGuidedProjector,
-}
 
 
 @dataclass
@@ -70,7 +52,7 @@ class LlavaMultiLayerImageFeaturesOutput(BaseModelOutputWithPooling):
     internal_image_features (`tuple(torch.Tensor)`, *optional*):
         One `(num_images, num_image_tokens, text_hidden_size)` tensor per internal feature layer.
     fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
-        Weights of the layer groups chosen by the instruction (`igva` only).
+        Weights of the fused layer groups, for fusers that weight them (`igva`: chosen by the instruction).
     """
 
     internal_image_features: tuple[torch.Tensor, ...] | None = None
@@ -88,7 +70,7 @@ class LlavaMultiLayerModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states (`torch.Tensor`, *optional*):
         `(num_images, num_image_tokens, text_hidden_size)` visual tokens spliced into the sequence.
     fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
-        Weights of the layer groups chosen by the instruction (`igva` only).
+        Weights of the fused layer groups, for fusers that weight them (`igva`: chosen by the instruction).
     image_outputs (`LlavaMultiLayerImageFeaturesOutput`, *optional*):
         What `get_image_features` returned for the images of this forward (`None` without images).
     """
@@ -104,7 +86,7 @@ class LlavaMultiLayerCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states (`torch.Tensor`, *optional*):
         `(num_images, num_image_tokens, text_hidden_size)` visual tokens spliced into the sequence.
     fusion_weights (`torch.Tensor` of shape `(num_images, num_groups)`, *optional*):
-        Weights of the layer groups chosen by the instruction (`igva` only).
+        Weights of the fused layer groups, for fusers that weight them (`igva`: chosen by the instruction).
     image_outputs (`LlavaMultiLayerImageFeaturesOutput`, *optional*):
         What `get_image_features` returned for the images of this forward (`None` without images).
     """
@@ -139,14 +121,10 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _no_split_modules = [
-        "SingleLayerProjector",
-        "ConcatProjector",
-        "MMFuserProjector",
-        "InstructionGuidedProjector",
+        *no_split_module_names(),
         "LlavaMultiLayerMLPProjector",
         "InstructionEncoder",
-        "FeatureInjectionDecoderLayer",
-        "CrossAttentionFusionDecoderLayer",
+        *no_split_internal_fusion_layers(),
     ]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -170,26 +148,15 @@ class LlavaMultiLayerPreTrainedModel(PreTrainedModel):
             if module is not self and isinstance(module, PreTrainedModel) and not module.is_custom_code():
                 module.initialize_weights()
         super().initialize_weights()
-        # The I_M layers sit inside the language model, whose `_init_weights` does not know their gates.
+        # The internal-fusion layers sit inside the language model, whose `_init_weights` does not know their own
+        # parameters (the I_M gates).
         for module in self.modules():
-            if isinstance(module, CrossAttentionFusionDecoderLayer):
-                init.zeros_(module.cross_attn_gate)
-                init.zeros_(module.cross_mlp_gate)
+            if isinstance(module, InternalFusionDecoderLayer):
+                module.init_fusion_weights()
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, MMFuserBlock):
-            # The block initialises its two attentions: transformers skips `_init_weights` for modules of custom-code
-            # models that own no parameters directly, as `MMFuserDeformableAttention` (its linears are children).
-            init_deformable_attention(module.cross_attn)
-            init_deformable_attention(module.self_attn)
-            init.zeros_(module.cross_attn_scale)
-            init.zeros_(module.self_attn_scale)
-        elif isinstance(module, InstructionCrossAttention):
-            # `nn.MultiheadAttention`'s own initialisation, which transformers applies to that class.
-            init.xavier_uniform_(module.in_proj_weight)
-            init.zeros_(module.in_proj_bias)
-            init.zeros_(module.out_proj.bias)
+        fusion_projector_class(self.config.fusion_type).init_module_weights(module)
 
 
 def refuse_internal_fusion_under_vllm(config: LlavaMultiLayerConfig) -> None:
@@ -211,9 +178,10 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
     def __init__(self, config: LlavaMultiLayerConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = PROJECTOR_CLASSES[config.fusion_type](config)
+        fuser = fusion_projector_class(config.fusion_type)
+        self.multi_modal_projector = fuser(config)
         self.instruction_encoder = None
-        if config.fusion_type == "igva" and not config.igva_aggregate_by_average:
+        if fuser.needs_instruction_encoder(config):
             self.instruction_encoder = InstructionEncoder(config.instruction_encoder_config)
         self.internal_projectors = None
         if config.internal_fusion_type is not None:
@@ -236,12 +204,13 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
                 f"{type(self.language_model).__name__} has none."
             )
         for layer_idx in self.config.internal_layer_to_feature:
-            if self.config.internal_fusion_type == "add":
-                layers[layer_idx] = FeatureInjectionDecoderLayer(layers[layer_idx], layer_idx)
-            else:
-                layers[layer_idx] = CrossAttentionFusionDecoderLayer(
-                    layers[layer_idx], layer_idx, self.config.text_config, self.config.internal_fusion_placement
-                )
+            layers[layer_idx] = self.internal_fusion_wrapper.wrap(layers[layer_idx], layer_idx, self.config)
+
+    @property
+    def internal_fusion_wrapper(self) -> type[InternalFusionDecoderLayer] | None:
+        """The decoder-layer wrapper class of the model's internal fusion (`None` without internal fusion)."""
+        kind = self.config.internal_fusion_type
+        return None if kind is None else internal_fusion_layer_class(kind)
 
     @property
     def internal_fusion_layers(self) -> list[InternalFusionDecoderLayer]:
@@ -261,7 +230,10 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
     ) -> torch.Tensor:
         """Embeds tokenized instructions with the frozen instruction encoder: `(num_images, encoder_hidden)`."""
         if self.instruction_encoder is None:
-            raise ValueError("This model has no instruction encoder (only `igva` models with an aggregator have one).")
+            raise ValueError(
+                f"This model has no instruction encoder: its fuser (fusion_type={self.config.fusion_type!r}) does not "
+                "weight its layers by an instruction."
+            )
         if instruction_attention_mask is None:
             instruction_attention_mask = torch.ones_like(instruction_input_ids)
         return self.instruction_encoder(instruction_input_ids, instruction_attention_mask)
@@ -358,32 +330,13 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
         layers = self.internal_fusion_layers
         if not layers:
             return None
+        wrapper = self.internal_fusion_wrapper
         if image_features is None:
-            cross_attention = self.config.internal_fusion_type == "cross_attention"
-            return self.cross_attention_store.get(cache) if cross_attention else None
-        features = image_features.internal_image_features
+            return self.cross_attention_store.get(cache) if wrapper.reuses_prompt_inputs else None
+        internal_features = image_features.internal_image_features
         layer_to_feature = self.config.internal_layer_to_feature
-        if self.config.internal_fusion_type == "add":
-            return {
-                layer.layer_idx: FeatureInjectionInputs(
-                    features[layer_to_feature[layer.layer_idx]].flatten(0, 1), image_token_mask
-                )
-                for layer in layers
-            }
-        num_tokens = image_features.image_features.shape[1]
-        images_per_row = (image_token_mask.sum(-1) // num_tokens).tolist()
-        batch_size = image_token_mask.shape[0]
-        feature_mask = torch.zeros(batch_size, max(max(images_per_row), 1) * num_tokens, dtype=torch.bool)
-        for row, count in enumerate(images_per_row):
-            feature_mask[row, : count * num_tokens] = True
-        feature_mask = feature_mask.to(image_token_mask.device)
-        inputs = {}
-        for layer in layers:
-            feature = features[layer_to_feature[layer.layer_idx]]
-            per_row = feature.new_zeros(batch_size, feature_mask.shape[1], feature.shape[-1])
-            per_row[feature_mask] = feature.flatten(0, 1)
-            inputs[layer.layer_idx] = layer.cross_attention_inputs(per_row, feature_mask)
-        return inputs
+        features = {layer.layer_idx: internal_features[layer_to_feature[layer.layer_idx]] for layer in layers}
+        return wrapper.fusion_inputs(layers, features, image_token_mask, image_features.image_features.shape[1])
 
     @can_return_tuple
     def forward(
@@ -462,7 +415,8 @@ class LlavaMultiLayerModel(LlavaMultiLayerPreTrainedModel):
             **cache_keyword(cache),
             **kwargs,
         )
-        if image_features is not None and self.config.internal_fusion_type == "cross_attention":
+        wrapper = self.internal_fusion_wrapper
+        if image_features is not None and wrapper is not None and wrapper.reuses_prompt_inputs:
             if (returned := returned_cache(outputs)) is not None:
                 self.cross_attention_store.put(returned, internal_fusion_inputs)
 

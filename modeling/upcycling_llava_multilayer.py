@@ -14,7 +14,8 @@
 """Upcycling: a multi-layer fusion model built from a trained transformers LLaVA model.
 
 The vision tower, language model, `lm_head` and LLaVA's MLP projector are copied, and every new part is initialised
-so that the new model computes exactly what the LLaVA model computed, until finetuning moves it:
+so that the new model computes exactly what the LLaVA model computed, until finetuning moves it. Each fuser says how
+(`FusionProjector.upcycled_vision_feature_layer`, `upcycling_problems`, `init_from_llava`):
 
 | fusion | initialisation that keeps LLaVA's outputs |
 |---|---|
@@ -31,14 +32,18 @@ Such cases raise, unless `strict=False`, in which case they are built with a war
 """
 
 import copy
+import dataclasses
 import os
 import warnings
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, PreTrainedModel
 
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
+from .fusion_registry_llava_multilayer import fusion_projector_class
+from .internal_fusion_llava_multilayer import internal_fusion_layer_class
 from .processing_llava_multilayer import (
     VICUNA_V1_CHAT_TEMPLATE,
     LlavaMultiLayerInstructionProcessor,
@@ -75,10 +80,11 @@ def upcycle_llava(
     Args:
         model_class: The class to instantiate.
         llava_model_or_path: A [`LlavaForConditionalGeneration`] or a directory / Hub id it loads from.
-        fusion_type: `"single"`, `"concat"`, `"mmfuser"` or `"igva"` (see [`LlavaMultiLayerConfig`]).
+        fusion_type: The fuser, a key of `FUSION_PROJECTORS` (see [`LlavaMultiLayerConfig`]).
         strict: Raise [`UpcyclingError`] when the new model cannot reproduce LLaVA's outputs; with `False`, build it
             anyway and warn.
-        instruction_encoder: `igva` with an aggregator only: the sentence encoder (a transformers model, e.g.
+        instruction_encoder: Fusers that embed an instruction only (`igva` with an aggregator): the sentence
+            encoder (a transformers model, e.g.
             `sentence-transformers/all-mpnet-base-v2`, or where it loads from) whose weights fill the frozen
             instruction encoder. Without it the encoder stays randomly initialised (an error with `strict=True`).
         config_kwargs: Any other [`LlavaMultiLayerConfig`] field (`vision_feature_layer`, `internal_fusion_type`,
@@ -87,41 +93,25 @@ def upcycle_llava(
     Returns:
         The new model, in evaluation mode, in LLaVA's dtype, on the CPU.
     """
+    fuser = fusion_projector_class(fusion_type)
     llava = _load_llava(llava_model_or_path)
     llava_config = llava.config
     num_hidden_states = llava_config.vision_config.num_hidden_layers + 1
     llava_layers = _as_layer_list(llava_config.vision_feature_layer, num_hidden_states)
     if "vision_feature_layer" not in config_kwargs:
-        if fusion_type == "mmfuser":
-            raise ValueError(
-                "fusion_type='mmfuser' needs `vision_feature_layer`: the value layers, then LLaVA's layer "
-                f"({llava_config.vision_feature_layer}) last as the query."
-            )
-        layers = llava_config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        if fusion_type == "concat":
-            config_kwargs["vision_feature_layer"] = layers
-        elif len(layers) == 1:
-            config_kwargs["vision_feature_layer"] = layers[0]
-        else:
-            raise ValueError(
-                f"The LLaVA model concatenates layers {llava_config.vision_feature_layer}; fusion_type={fusion_type!r} "
-                "needs a single layer: pass `vision_feature_layer` (or use fusion_type='concat')."
-            )
+        config_kwargs["vision_feature_layer"] = fuser.upcycled_vision_feature_layer(llava_config.vision_feature_layer)
 
     if instruction_encoder is not None and not isinstance(instruction_encoder, PreTrainedModel):
         instruction_encoder = AutoModel.from_pretrained(instruction_encoder, add_pooling_layer=False)
     if instruction_encoder is not None:
         config_kwargs.setdefault("instruction_encoder_config", instruction_encoder.config.to_dict())
-    elif (
-        fusion_type == "igva"
-        and not config_kwargs.get("igva_aggregate_by_average", False)
-        and config_kwargs.get("instruction_encoder_config") is None
+    elif config_kwargs.get("instruction_encoder_config") is None and fuser.needs_instruction_encoder(
+        _requested_settings(fusion_type, config_kwargs)
     ):
         raise ValueError(
-            "fusion_type='igva' with the weight allocator needs the sentence encoder: pass `instruction_encoder` (a "
-            "transformers model such as sentence-transformers/all-mpnet-base-v2, or where it loads from), or "
-            "`igva_aggregate_by_average=True`."
+            f"fusion_type={fusion_type!r} with these settings embeds an instruction and needs the sentence encoder: "
+            "pass `instruction_encoder` (a transformers model such as sentence-transformers/all-mpnet-base-v2, or "
+            "where it loads from)."
         )
 
     for name in _LLAVA_CONFIG_FIELDS:
@@ -136,7 +126,7 @@ def upcycle_llava(
     )
     config.architectures = [model_class.__name__]
 
-    problems = _unreproducible_settings(config, llava_layers, num_hidden_states, instruction_encoder)
+    problems = _unreproducible_settings(config, llava_layers, instruction_encoder)
     if problems:
         message = "The upcycled model will not reproduce the LLaVA model's outputs: " + " ".join(problems)
         if strict:
@@ -150,14 +140,13 @@ def upcycle_llava(
         _load_language_model(target.language_model, llava.model.language_model.state_dict())
         if not config.tie_word_embeddings:
             model.lm_head.load_state_dict(llava.lm_head.state_dict())
-        _init_projector(target.multi_modal_projector, llava.model.multi_modal_projector, config, llava_layers)
-        if config.internal_fusion_type == "add":
+        target.multi_modal_projector.init_from_llava(config, llava.model.multi_modal_projector, llava_layers)
+        wrapper = target.internal_fusion_wrapper
+        if wrapper is not None and wrapper.starts_unchanged_with_zero_features:
             for projector in target.internal_projectors:
                 _zero_linear(projector.linear_2)
         for layer in target.internal_fusion_layers:
-            if hasattr(layer, "cross_attn_gate"):
-                layer.cross_attn_gate.zero_()
-                layer.cross_mlp_gate.zero_()
+            layer.start_unchanged()
         if instruction_encoder is not None:
             result = target.instruction_encoder.encoder.load_state_dict(instruction_encoder.state_dict(), strict=False)
             if result.missing_keys:
@@ -216,42 +205,27 @@ def _as_layer_list(layers: int | list[int], num_hidden_states: int) -> list[int]
     return [layer % num_hidden_states for layer in layers]
 
 
-def _normalized(entry: int | list[int], num_hidden_states: int) -> int | None:
-    """A `vision_feature_layer` entry as a non-negative index, or `None` for an averaged group."""
-    return entry % num_hidden_states if isinstance(entry, int) else None
+def _requested_settings(fusion_type: str, config_kwargs: dict) -> SimpleNamespace:
+    """The config fields `from_llava` was asked for, over the config's defaults (before the config can be built)."""
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(LlavaMultiLayerConfig)
+        if field.default is not dataclasses.MISSING
+    }
+    return SimpleNamespace(**{**defaults, **config_kwargs, "fusion_type": fusion_type})
 
 
-def _unreproducible_settings(config, llava_layers, num_hidden_states, instruction_encoder) -> list[str]:
+def _unreproducible_settings(config, llava_layers, instruction_encoder) -> list[str]:
     """Reasons why the upcycled model cannot start from LLaVA's outputs (empty when it can)."""
-    problems = []
-    layers = config.vision_feature_layer
-    if config.fusion_type == "single" and [_normalized(layers, num_hidden_states)] != llava_layers:
-        problems.append(f"vision_feature_layer={layers} is not LLaVA's layer {llava_layers}.")
-    if config.fusion_type == "concat":
-        entries = [_normalized(entry, num_hidden_states) for entry in layers]
-        missing = [layer for layer in llava_layers if layer not in entries]
-        if missing:
-            problems.append(f"vision_feature_layer={layers} does not contain LLaVA's layer(s) {missing}.")
-    if config.fusion_type == "mmfuser" and [_normalized(layers[-1], num_hidden_states)] != llava_layers:
+    fuser = fusion_projector_class(config.fusion_type)
+    problems = fuser.upcycling_problems(config, llava_layers)
+    if fuser.needs_instruction_encoder(config) and instruction_encoder is None:
         problems.append(
-            f"the query layer (last entry of vision_feature_layer={layers}) is not LLaVA's layer {llava_layers}."
+            "the instruction encoder stays randomly initialised: pass `instruction_encoder` (the outputs still "
+            "match LLaVA's at first, but the trained fuser would be fed noise)."
         )
-    if config.fusion_type == "igva":
-        if [_normalized(layers, num_hidden_states)] != llava_layers:
-            problems.append(f"the igva base layer {layers} is not LLaVA's layer {llava_layers}.")
-        if config.vision_feature_select_strategy != "default":
-            problems.append("igva always drops the first vision token, but the LLaVA model keeps it ('full').")
-        if not config.igva_aggregate_by_average and instruction_encoder is None:
-            problems.append(
-                "the instruction encoder stays randomly initialised: pass `instruction_encoder` (the outputs still "
-                "match LLaVA's at first, but the trained allocator would be fed noise)."
-            )
-    if config.internal_fusion_type == "cross_attention" and config.internal_fusion_placement == "pre_cross":
-        problems.append(
-            "internal_fusion_placement='pre_cross' feeds the self-attention residual from the normed hidden state, "
-            "so the decoder layers change even with closed gates; 'post_cross' and 'parallel' start as the plain "
-            "layers."
-        )
+    if config.internal_fusion_type is not None:
+        problems += internal_fusion_layer_class(config.internal_fusion_type).upcycling_problems(config)
     return problems
 
 
@@ -270,35 +244,6 @@ def _zero_linear(linear: nn.Linear) -> None:
     linear.weight.zero_()
     if linear.bias is not None:
         linear.bias.zero_()
-
-
-def _init_projector(projector: nn.Module, llava_projector: nn.Module, config, llava_layers: list[int]) -> None:
-    """Copies LLaVA's MLP into the fuser's `linear_1`/`linear_2`, zeroing the input columns LLaVA did not have."""
-    projector.linear_2.load_state_dict(llava_projector.linear_2.state_dict())
-    source = llava_projector.linear_1
-    if projector.linear_1.bias is not None:
-        projector.linear_1.bias.copy_(source.bias)
-    if config.fusion_type == "concat":
-        num_hidden_states = config.vision_config.num_hidden_layers + 1
-        width = config.vision_config.hidden_size
-        weight = torch.zeros_like(projector.linear_1.weight)
-        entries = [_normalized(entry, num_hidden_states) for entry in config.vision_feature_layer]
-        for llava_index, layer in enumerate(llava_layers):
-            if layer in entries:
-                index = entries.index(layer)
-                weight[:, index * width : (index + 1) * width] = source.weight[
-                    :, llava_index * width : (llava_index + 1) * width
-                ]
-        projector.linear_1.weight.copy_(weight)
-    elif config.fusion_type == "igva":
-        width = source.weight.shape[1]
-        projector.linear_1.weight.zero_()
-        projector.linear_1.weight[:, :width] = source.weight
-    else:
-        projector.linear_1.weight.copy_(source.weight)
-    if config.fusion_type == "mmfuser":
-        projector.fuser.cross_attn_scale.zero_()
-        projector.fuser.self_attn_scale.zero_()
 
 
 __all__ = ["UpcyclingError", "processor_from_llava", "upcycle_llava"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config
 from converted_fixtures import (
     FIXTURE_FAMILIES,
     FIXTURES_DIR,
@@ -30,6 +31,7 @@ from converted_fixtures import (
 from llava_multilayer.commands import convert as convert_command
 from llava_multilayer.commands import generate as generate_command
 from llava_multilayer.commands.cli import main
+from llava_multilayer.module_roles_llava_multilayer import quantization_skip_modules
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -375,7 +377,7 @@ def test_chat_keeps_the_conversation(monkeypatch, capsys):
 
 def test_quantization_config_keeps_fusion_modules_in_full_precision():
     args = argparse.Namespace(load_in_4bit=True, load_in_8bit=False, dtype="bfloat16")
-    config = generate_command.quantization_config(args)
+    config = generate_command.quantization_config(args, make_config("mmfuser"))
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert config.llm_int8_skip_modules == [
@@ -385,10 +387,14 @@ def test_quantization_config_keeps_fusion_modules_in_full_precision():
         "model.instruction_encoder",
         "lm_head",
     ]
+    # The I_M cross-fusion modules stay unquantized too, as in QLoRA finetuning (one list for both).
     args = argparse.Namespace(load_in_4bit=False, load_in_8bit=True, dtype="auto")
-    config = generate_command.quantization_config(args)
-    assert config.load_in_8bit and config.llm_int8_skip_modules == generate_command.QUANTIZATION_SKIP_MODULES
-    assert generate_command.quantization_config(argparse.Namespace(load_in_4bit=False, load_in_8bit=False)) is None
+    model_config = make_config(internal_fusion_type="cross_attention")
+    config = generate_command.quantization_config(args, model_config)
+    assert config.load_in_8bit and config.llm_int8_skip_modules == quantization_skip_modules(model_config)
+    assert "model.language_model.layers.1.cross_attn" in config.llm_int8_skip_modules
+    unquantized = argparse.Namespace(load_in_4bit=False, load_in_8bit=False)
+    assert generate_command.quantization_config(unquantized, model_config) is None
 
 
 def test_load_in_4bit_quantizes_only_the_language_model():

@@ -492,7 +492,7 @@ def test_config_validation_heads_must_divide_width():
     config.text_config.num_attention_heads = 5
     with pytest.raises(ValueError, match=r"`text_config.hidden_size` \(32\) must be divisible by "
                                          r"`text_config.num_attention_heads` \(5\)"):
-        config.validate_fusion()
+        config.validate_internal_fusion()
 
 
 def test_config_validation_runs_on_load(tmp_path):
@@ -508,6 +508,6 @@ def test_valid_configs_build():
     for variant, settings in VARIANTS.items():
         settings = dict(settings)
         config = make_config(settings.pop("fusion_type", "single"), **settings)
-        config.validate_fusion()
+        config.validate()
     siglip = make_config("concat", vision_config=tiny_siglip_vision_config())
     assert siglip.vision_config.model_type == "siglip_vision_model"

@@ -28,7 +28,7 @@ from llava_multilayer.processing_llava_multilayer import to_rgb
 CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 # --------------------------------------------------------------------------------------------------------------
-# Config validation (`LlavaMultiLayerConfig.validate_fusion` and the field types), one case per rule
+# Config validation (the `validate_*` methods of `LlavaMultiLayerConfig`, the fusers' `validate_config`, the field types), one case per rule
 # --------------------------------------------------------------------------------------------------------------
 
 INVALID_CONFIGS = {
@@ -89,7 +89,7 @@ INVALID_CONFIGS = {
     "mmfuser zero points": (dict(fusion_type="mmfuser", mmfuser_num_points=0), r"`mmfuser_num_points` must be >= 1"),
     "igva heads": (dict(fusion_type="igva", igva_hidden_size=18, igva_num_heads=4), r"`igva_hidden_size` \(18\) must be divisible"),
     "cross-attention heads": (
-        # LlamaConfig refuses it itself, before `validate_fusion` sees it
+        # LlamaConfig refuses it itself, before our validators see it
         dict(
             internal_fusion_type="cross_attention",
             text_config={**tiny_text_config().to_dict(), "hidden_size": 30, "num_attention_heads": 4},

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from llava_multilayer.compatibility_llava_multilayer import checkpointing_training_arguments
+from llava_multilayer.fusion_registry_llava_multilayer import original_family
 
 from . import parameters, zero_image
 from .data import IterableSupervisedDataset, SupervisedCollator, SupervisedDataset
@@ -329,8 +330,8 @@ class Recipe:
 
 def detect_family(model: nn.Module) -> str:
     """The family of a loaded model: from the `conversion_report.json` / `training_recipe.json` of the directory
-    it was loaded from, else from its config (`igva` fusion: IGVA; `concat` or internal fusion: Layer_Select_Fuse;
-    `mmfuser` fusion: MMFuser, whose fuser Layer_Select_Fuse E_M shares, so pass `family=` for E_M models that
+    it was loaded from, else from its config (the fuser's `original_family`; internal fusion: Layer_Select_Fuse; an
+    `mmfuser` fuser gives MMFuser, whose fuser Layer_Select_Fuse E_M shares, so pass `family=` for E_M models that
     lack those files)."""
     config = model.config
     directory = Path(getattr(config, "_name_or_path", "") or "")
@@ -340,12 +341,9 @@ def detect_family(model: nn.Module) -> str:
             family = json.loads(path.read_text(encoding="utf-8")).get("family")
             if family in FAMILIES:
                 return family
-    if config.fusion_type == "igva":
-        return "igva"
-    if config.internal_fusion_type is not None or config.fusion_type == "concat":
-        return "layer_select_fuse"
-    if config.fusion_type == "mmfuser":
-        return "mmfuser"
+    family = original_family(config)
+    if family is not None:
+        return family
     raise ValueError(
         f"Cannot tell the family of a model with fusion_type={config.fusion_type!r}: pass family= one of {FAMILIES}."
     )
