@@ -100,7 +100,9 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
     tokenizer defaults). The tokenizer carries the original codebases' tokenization rule (each chunk after an
     `<image>` is tokenized as the start of a new text, see [`add_image_token`]), so tokenizing the expanded prompt in
     one call gives the ids of their `tokenizer_image_token`. The default chat template reproduces the `vicuna_v1`
-    conversation format the original models were trained with.
+    conversation format the original models were trained with. `from_pretrained` (and `AutoProcessor`) load the class
+    the checkpoint's `processor_config.json` names: an instruction-guided checkpoint loads as
+    [`LlavaMultiLayerInstructionProcessor`].
 
     Args:
         image_processor ([`LlavaImageProcessorPil`] or any image processor):
