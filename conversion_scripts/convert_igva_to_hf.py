@@ -54,7 +54,6 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerInstructionProcessor
 from llava_multilayer.conversion.components import num_image_tokens, text_config_from_original
-from llava_multilayer.conversion.families import FAMILIES
 from llava_multilayer.conversion.key_rules import Drop, KeyRules, key_mapping
 from llava_multilayer.conversion.llava_original import (
     Detection,
@@ -438,7 +437,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 SPEC = OriginalFamily(
     name=FAMILY,
-    title=FAMILIES[FAMILY].title,
     detection=DETECTION,
     pretrain_files=("mm_projector.bin",),
     build=build,

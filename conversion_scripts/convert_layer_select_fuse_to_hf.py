@@ -60,7 +60,6 @@ from transformers import LlavaImageProcessorPil, PreTrainedConfig
 from llava_multilayer import LlavaMultiLayerConfig
 from llava_multilayer.conversion.components import build_image_processor, num_image_tokens, text_config_from_original
 from llava_multilayer.conversion.convert_mmfuser_to_hf import projector_rules as mmfuser_projector_rules
-from llava_multilayer.conversion.families import FAMILIES
 from llava_multilayer.conversion.key_rules import Drop, KeyMapping, KeyRules, key_mapping
 from llava_multilayer.conversion.llava_original import (
     LANGUAGE_MODEL_RULES,
@@ -595,7 +594,6 @@ def build(inputs: FamilyInputs) -> FamilyConversion:
 
 SPEC = OriginalFamily(
     name=FAMILY,
-    title=FAMILIES[FAMILY].title,
     detection=DETECTION,
     pretrain_files=("mm_projector_f.bin",),
     build=build,

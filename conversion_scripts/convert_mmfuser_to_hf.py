@@ -59,7 +59,6 @@ from transformers import PreTrainedConfig
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration
 from llava_multilayer.conversion.checks import fixture_parity_check
 from llava_multilayer.conversion.components import num_image_tokens, text_config_from_original
-from llava_multilayer.conversion.families import FAMILIES
 from llava_multilayer.conversion.key_rules import KeyRules, key_mapping
 from llava_multilayer.conversion.llava_original import (
     Detection,
@@ -351,7 +350,6 @@ def build(inputs: FamilyInputs) -> FamilyConversion:
 
 SPEC = OriginalFamily(
     name=FAMILY,
-    title=FAMILIES[FAMILY].title,
     detection=DETECTION,
     pretrain_files=("mm_projector.bin",),
     build=build,

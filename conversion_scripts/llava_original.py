@@ -60,6 +60,7 @@ from .components import (
     load_vision_config,
     text_config_from_original,
 )
+from .families import FAMILIES
 from .key_rules import Drop, KeyMapping, KeyRules, key_mapping
 from .pipeline import ConversionReport, describe_location, run_conversion
 from .reading import (
@@ -382,23 +383,30 @@ class OriginalFamily:
 
     Args:
         name: the family's name (`llava-multilayer convert --family NAME`, `conversion_report.json`).
-        title: its name in messages, with the article (`"an MMFuser"`).
         detection: how its config.json is recognised.
         pretrain_files: files only its pretraining-stage output holds (refused as `--input-dir`).
         build: the config mapping and key rules of the family.
+        title: its name in messages, with the article (`"an MMFuser"`); by default the one of its entry in the
+            family registry ([`FAMILIES`]).
         check_original: cheap checks of the original config, run before any tower is downloaded.
         add_arguments: its own command-line flags, whose values reach `build` as `options`.
         options: the names of those options.
     """
 
     name: str
-    title: str
     detection: Detection
     pretrain_files: tuple[str, ...]
     build: Callable[[FamilyInputs], FamilyConversion]
+    title: str | None = None
     check_original: Callable[[Stage], None] | None = None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     options: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.title is None:
+            if self.name not in FAMILIES:
+                raise ValueError(f"Family {self.name!r} is not in the family registry (FAMILIES): pass its `title`.")
+            object.__setattr__(self, "title", FAMILIES[self.name].title)
 
 
 # --------------------------------------------------------------------------------------------------------------
