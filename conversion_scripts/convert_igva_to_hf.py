@@ -56,8 +56,6 @@ from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerInstructionPr
 from llava_multilayer.conversion.components import num_image_tokens, text_config_from_original
 from llava_multilayer.conversion.key_rules import Drop, KeyRules, key_mapping
 from llava_multilayer.conversion.llava_original import (
-    EMBEDDED_TOWER_RULES,
-    LANGUAGE_MODEL_RULES,
     Detection,
     FamilyConversion,
     FamilyInputs,
@@ -65,15 +63,16 @@ from llava_multilayer.conversion.llava_original import (
     Stage,
     check_llava_settings,
     convert_original,
+    finetune_key_mapping,
+    mlp_projector_rules,
+    pretrain_stage_sources,
 )
 from llava_multilayer.conversion.llava_original import main as convert_main
 from llava_multilayer.conversion.pipeline import ConversionReport, describe_location
 from llava_multilayer.conversion.reading import (
     CheckpointReader,
     ConversionError,
-    TensorDictReader,
     load_json,
-    load_torch_file,
     resolve_local_dir,
 )
 from llava_multilayer.instruction_encoder_llava_multilayer import InstructionEncoder
@@ -279,10 +278,7 @@ sentence_encoder_key_mapping = key_mapping(SENTENCE_ENCODER_RULES)
 # --------------------------------------------------------------------------------------------------------------
 
 #: The MLP projector `mm_projector` (Linear, GELU, Linear), whose input is [base-layer patches, fused patches].
-PROJECTOR_RULES: KeyRules = {
-    r"model\.mm_projector\.0\.(weight|bias)": r"model.multi_modal_projector.linear_1.\1",
-    r"model\.mm_projector\.2\.(weight|bias)": r"model.multi_modal_projector.linear_2.\1",
-}
+PROJECTOR_RULES = mlp_projector_rules("model.mm_projector.")
 
 #: The instruction-guided aggregator `vision_aggregator`: its transformer blocks and projections.
 AGGREGATOR_RULES: KeyRules = {
@@ -291,9 +287,7 @@ AGGREGATOR_RULES: KeyRules = {
 }
 
 #: Original IGVA keys -> converted keys (`None` for a key the original model does not have).
-original_key_mapping = key_mapping(LANGUAGE_MODEL_RULES, PROJECTOR_RULES, AGGREGATOR_RULES, EMBEDDED_TOWER_RULES)
-#: Keys of a plain LLaMA checkpoint (the base LLM of a stage-1 conversion) -> converted keys.
-base_language_model_key_mapping = key_mapping(LANGUAGE_MODEL_RULES)
+original_key_mapping = finetune_key_mapping(PROJECTOR_RULES, AGGREGATOR_RULES)
 #: Keys of a stage-1 `mm_projector.bin` -> converted keys.
 pretrain_projector_key_mapping = key_mapping(PROJECTOR_RULES)
 
@@ -391,12 +385,7 @@ def build(inputs: FamilyInputs) -> FamilyConversion:
     config = build_config(original, tower.config, inputs.image_token_id, encoder, inputs.text_config)
 
     if stage.is_pretrain:
-        projector_path = stage.pretrain_dir / "mm_projector.bin"
-        if not projector_path.is_file():
-            raise ConversionError(f"--pretrain-dir {stage.pretrain_dir} has no mm_projector.bin.")
-        projector = TensorDictReader(load_torch_file(projector_path), str(projector_path))
-        projector.files = [projector_path]
-        sources = [(inputs.checkpoint, base_language_model_key_mapping), (projector, pretrain_projector_key_mapping)]
+        sources = pretrain_stage_sources(inputs, "mm_projector.bin", pretrain_projector_key_mapping)
     else:
         sources = [(inputs.checkpoint, original_key_mapping)]
     processor_kwargs = {}
@@ -448,7 +437,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 SPEC = OriginalFamily(
     name=FAMILY,
-    title="an IGVA",
     detection=DETECTION,
     pretrain_files=("mm_projector.bin",),
     build=build,

@@ -62,15 +62,17 @@ from llava_multilayer.conversion.components import build_image_processor, num_im
 from llava_multilayer.conversion.convert_mmfuser_to_hf import projector_rules as mmfuser_projector_rules
 from llava_multilayer.conversion.key_rules import Drop, KeyMapping, KeyRules, key_mapping
 from llava_multilayer.conversion.llava_original import (
-    EMBEDDED_TOWER_RULES,
     LANGUAGE_MODEL_RULES,
     Detection,
     FamilyConversion,
     FamilyInputs,
     OriginalFamily,
     Stage,
+    base_language_model_key_mapping,
     check_llava_settings,
     convert_original,
+    finetune_key_mapping,
+    mlp_projector_rules,
 )
 from llava_multilayer.conversion.llava_original import main as convert_main
 from llava_multilayer.conversion.pipeline import ConversionReport
@@ -415,10 +417,7 @@ UCROSS_RULES: KeyRules = {
 }
 
 #: The external MLP projector `mm_projector_f` (Linear, GELU, Linear) of E_D, I_D and I_M.
-MLP_PROJECTOR_RULES: KeyRules = {
-    r"model\.mm_projector_f\.0\.(.+)": r"model.multi_modal_projector.linear_1.\1",
-    r"model\.mm_projector_f\.2\.(.+)": r"model.multi_modal_projector.linear_2.\1",
-}
+MLP_PROJECTOR_RULES = mlp_projector_rules("model.mm_projector_f.")
 
 #: The internal projectors `mm_projectors.{k}` of I_D and I_M, one per internal vision layer.
 INTERNAL_PROJECTOR_RULES: KeyRules = {
@@ -428,8 +427,6 @@ INTERNAL_PROJECTOR_RULES: KeyRules = {
 
 #: LLaMA keys and the I_M `ucross_*` modules of a fusion layer -> converted keys.
 language_model_key_mapping = key_mapping(UCROSS_RULES, LANGUAGE_MODEL_RULES)
-#: Keys of a plain LLaMA checkpoint (the base LLM of a pretrain-stage conversion) -> converted keys.
-base_language_model_key_mapping = key_mapping(LANGUAGE_MODEL_RULES)
 
 
 def projector_rules(strategy: str) -> KeyRules:
@@ -447,7 +444,7 @@ def projector_key_mapping(strategy: str) -> KeyMapping:
 
 def original_key_mapping(strategy: str) -> KeyMapping:
     """Keys of an original finetune checkpoint -> converted keys (`None` for a key the original model lacks)."""
-    return key_mapping(EMBEDDED_TOWER_RULES, projector_rules(strategy), UCROSS_RULES, LANGUAGE_MODEL_RULES)
+    return finetune_key_mapping(projector_rules(strategy), UCROSS_RULES)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -597,7 +594,6 @@ def build(inputs: FamilyInputs) -> FamilyConversion:
 
 SPEC = OriginalFamily(
     name=FAMILY,
-    title="a Layer_Select_Fuse",
     detection=DETECTION,
     pretrain_files=("mm_projector_f.bin",),
     build=build,

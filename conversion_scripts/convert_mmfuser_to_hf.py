@@ -61,21 +61,23 @@ from llava_multilayer.conversion.checks import fixture_parity_check
 from llava_multilayer.conversion.components import num_image_tokens, text_config_from_original
 from llava_multilayer.conversion.key_rules import KeyRules, key_mapping
 from llava_multilayer.conversion.llava_original import (
-    EMBEDDED_TOWER_RULES,
-    LANGUAGE_MODEL_RULES,
     Detection,
     FamilyConversion,
     FamilyInputs,
     OriginalFamily,
     check_llava_settings,
     convert_original,
+    finetune_key_mapping,
+    pretrain_stage_sources,
 )
 from llava_multilayer.conversion.llava_original import main as convert_main
 from llava_multilayer.conversion.pipeline import ConversionReport
-from llava_multilayer.conversion.reading import ConversionError, TensorDictReader, load_torch_file
+from llava_multilayer.conversion.reading import ConversionError
 
 
 logger = logging.getLogger(__name__)
+
+FAMILY = "mmfuser"
 
 # Constants of the original `MSCrossAttnBlock` (ms_cross_attn.py): none of them is stored in config.json.
 NUM_VALUE_LEVELS = 4
@@ -104,9 +106,7 @@ PROJECTOR_RULES = projector_rules("model.mm_projector.")
 
 projector_key_mapping = key_mapping(PROJECTOR_RULES)
 #: Original MMFuser finetune keys -> converted keys (`None` for a key the original model does not have).
-original_key_mapping = key_mapping(LANGUAGE_MODEL_RULES, PROJECTOR_RULES, EMBEDDED_TOWER_RULES)
-#: Keys of a plain LLaMA checkpoint (the base LLM of a pretrain-stage conversion) -> converted keys.
-base_language_model_key_mapping = key_mapping(LANGUAGE_MODEL_RULES)
+original_key_mapping = finetune_key_mapping(PROJECTOR_RULES)
 
 
 def _list_valued_select_layer(original: dict) -> str | None:
@@ -322,12 +322,7 @@ def build(inputs: FamilyInputs) -> FamilyConversion:
         stage.original, inputs.tower.config, inputs.image_token_id, inputs.text_config
     )
     if stage.is_pretrain:
-        projector_path = stage.pretrain_dir / "mm_projector.bin"
-        if not projector_path.is_file():
-            raise ConversionError(f"--pretrain-dir {stage.pretrain_dir} has no mm_projector.bin.")
-        projector = TensorDictReader(load_torch_file(projector_path), str(projector_path))
-        projector.files = [projector_path]
-        sources = [(checkpoint, base_language_model_key_mapping), (projector, projector_key_mapping)]
+        sources = pretrain_stage_sources(inputs, "mm_projector.bin", projector_key_mapping)
     else:
         sources = [(checkpoint, original_key_mapping)]
     value_layers, query_layer = config.vision_feature_layer[:-1], config.vision_feature_layer[-1]
@@ -354,8 +349,7 @@ def build(inputs: FamilyInputs) -> FamilyConversion:
 
 
 SPEC = OriginalFamily(
-    name="mmfuser",
-    title="an MMFuser",
+    name=FAMILY,
     detection=DETECTION,
     pretrain_files=("mm_projector.bin",),
     build=build,

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_multilayer.conversion.families import FAMILY_MODULES, detect_family, load_family_module
+from llava_multilayer.conversion.families import FAMILIES, detect_family, load_family_module
 from llava_multilayer.conversion.pipeline import ConversionReport
 from llava_multilayer.conversion.reading import (
     CheckpointReader,
@@ -66,7 +66,6 @@ from llava_multilayer.conversion.reading import (
 )
 
 
-FAMILIES = tuple(FAMILY_MODULES)
 NON_LORA_FILES = ("non_lora_trainables.bin", "ucross.bin")
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -251,7 +250,7 @@ def convert_original_lora(
         lora_dir: The LoRA run's output directory.
         output_dir: Where the converted checkpoint is written (atomically, by the family converter).
         base_model: Directory / hub id of the base language model (default: the adapter's `base_model_name_or_path`).
-        family: `"mmfuser"`, `"layer_select_fuse"` or `"igva"` (default: detected from `config.json`).
+        family: a family of [`FAMILIES`] (default: detected from `config.json`).
         converter_kwargs: Keyword arguments of the family's `convert_<family>` function (`vision_tower`, `dtype`,
             `verify`, `parity_fixture`, `sentence_encoder`, ...).
     """
@@ -265,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora-dir", required=True, help="Output directory of the original LoRA run.")
     parser.add_argument("--base-model", help="Base LLM directory / hub id (default: from adapter_config.json).")
-    parser.add_argument("--family", choices=FAMILIES, help="Skip detection from config.json.")
+    parser.add_argument("--family", choices=tuple(FAMILIES), help="Skip detection from config.json.")
     parser.add_argument("--output-dir", required=True, help="Where to write the converted checkpoint.")
     args, forwarded = parser.parse_known_args(argv)
     try:

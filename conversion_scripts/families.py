@@ -14,23 +14,62 @@
 """The original-checkpoint families and the one place that tells them apart.
 
 Each family is a converter module `convert_<family>_to_hf.py` holding an [`OriginalFamily`] spec (`SPEC`), its
-`detect(original_config) -> bool` (the spec's [`Detection`]), `main(argv, prog)` and `add_arguments`. A new family is
-one such module plus one line in [`FAMILY_MODULES`].
+`detect(original_config) -> bool` (the spec's [`Detection`]), `main(argv, prog)` and `add_arguments`, and one entry of
+[`FAMILIES`]: the registry of what the rest of the package (command line, model cards, LoRA conversion) knows of a
+family without importing its converter. A new family is one such module plus one line in [`FAMILIES`].
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 
-#: Family name -> module of its converter, in detection order.
-FAMILY_MODULES = {
-    "mmfuser": "llava_multilayer.conversion.convert_mmfuser_to_hf",
-    "layer_select_fuse": "llava_multilayer.conversion.convert_layer_select_fuse_to_hf",
-    "igva": "llava_multilayer.conversion.convert_igva_to_hf",
+@dataclass(frozen=True)
+class RegisteredFamily:
+    """One original-checkpoint family in the registry.
+
+    Attributes:
+        module: its converter module.
+        display_name: its name in prose (model cards, messages), as its authors write it.
+        article: the indefinite article before `display_name` (`"an"` for `"an MMFuser"`).
+        hub_tags: the Hub tags of its converted checkpoints, after the tags every checkpoint has.
+    """
+
+    module: str
+    display_name: str
+    article: str
+    hub_tags: tuple[str, ...]
+
+    @property
+    def title(self) -> str:
+        """The name with its article, for messages (`"an MMFuser"`)."""
+        return f"{self.article} {self.display_name}"
+
+
+#: Family name (`--family NAME`, `conversion_report.json`) -> its registry entry, in detection order.
+FAMILIES = {
+    "mmfuser": RegisteredFamily(
+        "llava_multilayer.conversion.convert_mmfuser_to_hf", "MMFuser", "an", ("mmfuser", "deformable-attention")
+    ),
+    "layer_select_fuse": RegisteredFamily(
+        "llava_multilayer.conversion.convert_layer_select_fuse_to_hf", "Layer_Select_Fuse", "a", ("layer-select-fuse",)
+    ),
+    "igva": RegisteredFamily(
+        "llava_multilayer.conversion.convert_igva_to_hf", "IGVA", "an", ("igva", "instruction-guided")
+    ),
 }
+
+#: Family name -> module of its converter, in detection order.
+FAMILY_MODULES = {family: registered.module for family, registered in FAMILIES.items()}
+
+
+def display_names() -> str:
+    """The display names of the registered families, as prose: `"MMFuser, Layer_Select_Fuse or IGVA"`."""
+    *others, last = [registered.display_name for registered in FAMILIES.values()]
+    return f"{', '.join(others)} or {last}" if others else last
 
 
 class UnknownFamilyError(ValueError):
@@ -109,7 +148,7 @@ def detect_family(original_config: dict, source: str = "config.json") -> str:
         f"{source} is not a checkpoint of a known family: the `detect` functions of "
         f"{', '.join(f'{family} ({FAMILY_MODULES[family]})' for family in modules)} all rejected it.{almost}"
         f"{missing} Config: {_describe_config(original_config)}. Pass the directory written by the original "
-        "MMFuser, Layer_Select_Fuse or IGVA training code, or --family to force a converter."
+        f"{display_names()} training code, or --family to force a converter."
     )
 
 

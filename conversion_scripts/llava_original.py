@@ -60,9 +60,17 @@ from .components import (
     load_vision_config,
     text_config_from_original,
 )
+from .families import FAMILIES
 from .key_rules import Drop, KeyMapping, KeyRules, key_mapping
 from .pipeline import ConversionReport, describe_location, run_conversion
-from .reading import CheckpointReader, ConversionError, load_original_config, resolve_local_dir
+from .reading import (
+    CheckpointReader,
+    ConversionError,
+    TensorDictReader,
+    load_original_config,
+    load_torch_file,
+    resolve_local_dir,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -89,6 +97,27 @@ EMBEDDED_TOWER_RULES: KeyRules = {
 }
 
 TIED_HEAD_RULES: KeyRules = {r"lm_head\.weight": Drop("lm_head is tied to the input embeddings")}
+
+
+def mlp_projector_rules(prefix: str) -> KeyRules:
+    """LLaVA-1.5's `mlp2x_gelu` projector (`nn.Sequential(Linear, GELU, Linear)`) saved under `prefix` -> the
+    converted MLP projector (index 1, the GELU, has no weights)."""
+    prefix = re.escape(prefix)
+    return {
+        prefix + r"0\.(weight|bias)": r"model.multi_modal_projector.linear_1.\1",
+        prefix + r"2\.(weight|bias)": r"model.multi_modal_projector.linear_2.\1",
+    }
+
+
+#: Keys of a plain LLaMA checkpoint (the base LLM of a pretraining-stage conversion) -> converted keys.
+base_language_model_key_mapping = key_mapping(LANGUAGE_MODEL_RULES)
+
+
+def finetune_key_mapping(*family_rules: KeyRules) -> KeyMapping:
+    """Keys of a family's finetune checkpoint -> converted keys (`None` for a key none of the rules knows): the
+    family's rule tables, tried first so that they can claim keys inside the language model's layers, then the
+    language model's, then the embedded tower copy (dropped)."""
+    return key_mapping(*family_rules, LANGUAGE_MODEL_RULES, EMBEDDED_TOWER_RULES)
 
 
 def vision_tower_key_mapping(vision_config: PreTrainedConfig, tower_config: PreTrainedConfig) -> KeyMapping:
@@ -354,23 +383,30 @@ class OriginalFamily:
 
     Args:
         name: the family's name (`llava-multilayer convert --family NAME`, `conversion_report.json`).
-        title: its name in messages, with the article (`"an MMFuser"`).
         detection: how its config.json is recognised.
         pretrain_files: files only its pretraining-stage output holds (refused as `--input-dir`).
         build: the config mapping and key rules of the family.
+        title: its name in messages, with the article (`"an MMFuser"`); by default the one of its entry in the
+            family registry ([`FAMILIES`]).
         check_original: cheap checks of the original config, run before any tower is downloaded.
         add_arguments: its own command-line flags, whose values reach `build` as `options`.
         options: the names of those options.
     """
 
     name: str
-    title: str
     detection: Detection
     pretrain_files: tuple[str, ...]
     build: Callable[[FamilyInputs], FamilyConversion]
+    title: str | None = None
     check_original: Callable[[Stage], None] | None = None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     options: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.title is None:
+            if self.name not in FAMILIES:
+                raise ValueError(f"Family {self.name!r} is not in the family registry (FAMILIES): pass its `title`.")
+            object.__setattr__(self, "title", FAMILIES[self.name].title)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -448,6 +484,19 @@ def resolve_vision_tower(vision_tower: str | None, original: dict) -> VisionTowe
 def language_model_config(stage: Stage) -> dict:
     """The LLaMA config of the converted model: the checkpoint's, or in the pretraining stage the base LLM's."""
     return text_config_from_original(stage.base_config if stage.is_pretrain else stage.original)
+
+
+def pretrain_stage_sources(
+    inputs: FamilyInputs, projector_file: str, projector_mapping: KeyMapping
+) -> list[tuple[object, KeyMapping]]:
+    """The sources of a pretraining-stage conversion whose trained weights are one file of `--pretrain-dir`: the
+    base language model, and `projector_file` read with `projector_mapping`."""
+    path = inputs.stage.pretrain_dir / projector_file
+    if not path.is_file():
+        raise ConversionError(f"--pretrain-dir {inputs.stage.pretrain_dir} has no {projector_file}.")
+    projector = TensorDictReader(load_torch_file(path), str(path))
+    projector.files = [path]
+    return [(inputs.checkpoint, base_language_model_key_mapping), (projector, projector_mapping)]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,19 +28,21 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from llava_multilayer.conversion.families import FAMILIES
+
 
 #: Stands for the model's location in the templates' code examples; `push_to_hub` replaces it by the repo id.
 MODEL_ID_PLACEHOLDER = "REPO_OR_DIR"
 
 BASE_TAGS = ["llava", "llava-multilayer", "multi-layer-fusion", "vision-language", "custom_code"]
-FAMILY_TAGS = {
-    "mmfuser": ["mmfuser", "deformable-attention"],
-    "layer_select_fuse": ["layer-select-fuse"],
-    "igva": ["igva", "instruction-guided"],
-}
 
 #: Parity standards of the project: metric name -> largest accepted value (float32, CPU).
 PARITY_TOLERANCES = {"logits_max_abs_diff": 1e-4, "image_features_max_abs_diff": 1e-5}
+
+
+def _tags(family: str) -> list[str]:
+    """The Hub tags of a checkpoint of `family`: those of every checkpoint, then the family's (see [`FAMILIES`])."""
+    return [*BASE_TAGS, *(FAMILIES[family].hub_tags if family in FAMILIES else ())]
 
 
 def _template(family: str) -> str:
@@ -120,7 +122,7 @@ def render_model_card(report) -> ModelCard:
         pipeline_tag="image-text-to-text",
         base_model=report.base_model or None,
         license=report.license,
-        tags=[*BASE_TAGS, *FAMILY_TAGS.get(report.family, [])],
+        tags=_tags(report.family),
     )
     return ModelCard.from_template(
         card_data,
@@ -169,8 +171,6 @@ processor = AutoProcessor.from_pretrained("{{ model_id }}")
 ```
 """
 
-FAMILY_NAMES = {"mmfuser": "MMFuser", "layer_select_fuse": "Layer_Select_Fuse", "igva": "IGVA"}
-
 
 def write_merged_model_card(directory: str | Path, record: dict) -> Path:
     """Writes `README.md` into a merged directory from its merge record (see `commands.finetune.merge_record`)."""
@@ -178,14 +178,14 @@ def write_merged_model_card(directory: str | Path, record: dict) -> Path:
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         base_model=record["base_model_hub_ids"] or None,
-        tags=[*BASE_TAGS, *FAMILY_TAGS.get(record["family"], []), "lora", "merged"],
+        tags=[*_tags(record["family"]), "lora", "merged"],
     )
     steps = record.get("training_steps")
     card = ModelCard.from_template(
         card_data,
         template_str=MERGED_CARD_TEMPLATE,
         model_id=MODEL_ID_PLACEHOLDER,
-        family_name=FAMILY_NAMES.get(record["family"], "llava-multilayer"),
+        family_name=FAMILIES[record["family"]].display_name if record["family"] in FAMILIES else "llava-multilayer",
         base_model=record["base_model"],
         adapter=record["adapter"],
         lora_r=record["lora_r"],

@@ -21,7 +21,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs
 from transformers.tokenization_utils_base import TextInput
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
 from .compatibility_llava_multilayer import make_flat_list_of_images
 from .tokenization_llava_multilayer import add_image_token, follows_image_token_rule
@@ -100,7 +100,9 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
     tokenizer defaults). The tokenizer carries the original codebases' tokenization rule (each chunk after an
     `<image>` is tokenized as the start of a new text, see [`add_image_token`]), so tokenizing the expanded prompt in
     one call gives the ids of their `tokenizer_image_token`. The default chat template reproduces the `vicuna_v1`
-    conversation format the original models were trained with.
+    conversation format the original models were trained with. `from_pretrained` (and `AutoProcessor`) load the class
+    the checkpoint's `processor_config.json` names: an instruction-guided checkpoint loads as
+    [`LlavaMultiLayerInstructionProcessor`].
 
     Args:
         image_processor ([`LlavaImageProcessorPil`] or any image processor):
@@ -144,11 +146,22 @@ class LlavaMultiLayerProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        # Instruction-guided (IGVA) checkpoints ship a second tokenizer; load them with the processor that uses it.
-        if cls is LlavaMultiLayerProcessor and _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs):
-            return LlavaMultiLayerInstructionProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # `from_pretrained` loads the sub-processors (the instruction tokenizer of IGVA checkpoints) of the class the
+        # checkpoint's `processor_config.json` names, when that class specializes `cls`.
+        processor_class = _saved_subclass(cls, processor_dict)
+        if processor_class is not cls:
+            return processor_class._get_arguments_from_pretrained(
+                pretrained_model_name_or_path, processor_dict, **kwargs
+            )
+        return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        processor_class = _saved_subclass(cls, processor_dict)
+        if processor_class is not cls:
+            return processor_class.from_args_and_dict(args, processor_dict, **kwargs)
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Number of visual tokens for a preprocessed image of `height x width` pixels."""
@@ -322,19 +335,22 @@ class LlavaMultiLayerInstructionProcessor(LlavaMultiLayerProcessor):
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        if not _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs):
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        saved_class = _saved_processor_class(processor_dict)
+        if saved_class is None or not issubclass(saved_class, LlavaMultiLayerInstructionProcessor):
+            saved_as = saved_class.__name__ if saved_class is not None else "no processor class of this package"
             raise OSError(
-                f"{pretrained_model_name_or_path} has no `instruction_tokenizer/` folder: it is not the processor of "
-                "an instruction-guided (igva) model."
+                f"{pretrained_model_name_or_path} is not the processor of an instruction-guided (igva) model: its "
+                f"processor_config.json names {saved_as}. Load it with `LlavaMultiLayerProcessor` or `AutoProcessor`."
             )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
 
     def to_dict(self) -> dict:
-        # `AutoProcessor` resolves `processor_class` among the registered processors; the registered
-        # `LlavaMultiLayerProcessor.from_pretrained` comes back to this class when it finds `instruction_tokenizer/`.
         output = super().to_dict()
-        output["processor_class"] = LlavaMultiLayerProcessor.__name__
+        if "auto_map" in output:
+            # `AutoProcessor` resolves `processor_class` among the registered processors, one per config class: the
+            # registered `LlavaMultiLayerProcessor` loads this class, which `auto_map` names.
+            output["processor_class"] = LlavaMultiLayerProcessor.__name__
         return output
 
     def __call__(
@@ -412,18 +428,27 @@ def _with_image_token_rule(tokenizer, image_token: str):
     return add_image_token(tokenizer, image_token)
 
 
-def _has_instruction_tokenizer(pretrained_model_name_or_path, kwargs) -> bool:
-    resolved = cached_file(
-        pretrained_model_name_or_path,
-        "instruction_tokenizer/tokenizer_config.json",
-        cache_dir=kwargs.get("cache_dir"),
-        revision=kwargs.get("revision"),
-        local_files_only=kwargs.get("local_files_only", False),
-        token=kwargs.get("token"),
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-    return resolved is not None
+def _saved_processor_class(processor_dict: dict | None) -> type[LlavaMultiLayerProcessor] | None:
+    """The processor class of this module that a `processor_config.json` (as a dict) was saved from, or `None` when it
+    names none: the class its `auto_map["AutoProcessor"]` names (what `save_pretrained` writes and remote code loads),
+    else its `processor_class`."""
+    processor_dict = processor_dict or {}
+    reference = processor_dict.get("auto_map", {}).get("AutoProcessor") or processor_dict.get("processor_class")
+    if not isinstance(reference, str):
+        return None
+    class_name = reference.rsplit(".", 1)[-1]
+    return {
+        processor_class.__name__: processor_class
+        for processor_class in (LlavaMultiLayerProcessor, LlavaMultiLayerInstructionProcessor)
+    }.get(class_name)
+
+
+def _saved_subclass(cls: type, processor_dict: dict | None) -> type[LlavaMultiLayerProcessor]:
+    """The class a processor saved as `processor_dict` loads as through `cls.from_pretrained`: the saved class when it
+    specializes `cls` (`LlavaMultiLayerProcessor` loads IGVA checkpoints as `LlavaMultiLayerInstructionProcessor`),
+    else `cls`."""
+    saved_class = _saved_processor_class(processor_dict)
+    return saved_class if saved_class is not None and issubclass(saved_class, cls) else cls
 
 
 __all__ = ["LlavaMultiLayerInstructionProcessor", "LlavaMultiLayerProcessor", "VICUNA_V1_CHAT_TEMPLATE", "to_rgb"]

@@ -120,7 +120,7 @@ def test_instruction_tokenizer_and_max_length_come_from_the_encoder_dir(converte
     assert (converted_dir / "instruction_tokenizer" / "tokenizer_config.json").is_file()
     bert_config = json.loads((FIXTURE / "sentence_embedder" / "sentence_bert_config.json").read_text())
     assert processor.instruction_max_length == bert_config["max_seq_length"] == 128
-    # The generic processor class dispatches to the instruction processor when `instruction_tokenizer/` exists.
+    # The generic processor class loads the instruction processor that `processor_config.json` names.
     assert isinstance(LlavaMultiLayerProcessor.from_pretrained(converted_dir), LlavaMultiLayerInstructionProcessor)
     # Lower-casing is done by the tokenizer itself.
     tokenizer = processor.instruction_tokenizer

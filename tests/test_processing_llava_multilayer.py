@@ -24,9 +24,10 @@ from conftest import (
 )
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoProcessor, AutoTokenizer
 
-from llava_multilayer import LlavaMultiLayerProcessor
+from llava_multilayer import LlavaMultiLayerInstructionProcessor, LlavaMultiLayerProcessor
+
 
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # the placeholder id of the original codebases' `tokenizer_image_token`
 
@@ -231,6 +232,47 @@ def test_processor_for_picks_the_instruction_processor():
     processor = processor_for(igva.config, instruction_tokenizer=load_instruction_tokenizer())
     assert "instruction_input_ids" in processor.model_input_names
     assert type(processor_for(make_model("igva_average").config)) is LlavaMultiLayerProcessor
+
+
+@pytest.mark.parametrize("instruction_guided", [False, True], ids=["plain", "instruction"])
+def test_saved_processor_config_decides_the_loaded_class(
+    processor, instruction_processor, tmp_path, instruction_guided
+):
+    """`processor_config.json` says which class was saved (`auto_map`); loading reads it instead of probing the repo
+    for `instruction_tokenizer/`, through the generic class and through `AutoProcessor`."""
+    saved = instruction_processor if instruction_guided else processor
+    saved.save_pretrained(tmp_path)
+    if not instruction_guided:
+        # A stray folder does not turn a plain checkpoint into an instruction-guided one.
+        instruction_processor.instruction_tokenizer.save_pretrained(tmp_path / "instruction_tokenizer")
+    saved_config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved_config["processor_class"] == "LlavaMultiLayerProcessor"  # the class `AutoProcessor` resolves
+    assert saved_config["auto_map"]["AutoProcessor"].endswith(f".{type(saved).__name__}")
+
+    for loaded in (LlavaMultiLayerProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is type(saved)
+        assert loaded.to_dict() == saved.to_dict()
+    if instruction_guided:
+        assert LlavaMultiLayerInstructionProcessor.from_pretrained(tmp_path).instruction_max_length == 384
+    else:
+        with pytest.raises(OSError, match="not the processor of an instruction-guided .* LlavaMultiLayerProcessor"):
+            LlavaMultiLayerInstructionProcessor.from_pretrained(tmp_path)
+
+
+def test_processor_config_without_auto_map_names_its_class(instruction_processor, tmp_path):
+    """Without `auto_map` (a processor saved with its class not registered for `AutoProcessor`), `processor_class`
+    names the class itself and decides alone."""
+    instruction_processor.save_pretrained(tmp_path)
+    config_file = tmp_path / "processor_config.json"
+    saved_config = json.loads(config_file.read_text())
+    del saved_config["auto_map"], saved_config["image_processor"]["auto_map"]
+    config_file.write_text(json.dumps({**saved_config, "processor_class": "LlavaMultiLayerInstructionProcessor"}))
+    assert type(LlavaMultiLayerProcessor.from_pretrained(tmp_path)) is LlavaMultiLayerInstructionProcessor
+
+    config_file.write_text(json.dumps({**saved_config, "processor_class": "LlavaMultiLayerProcessor"}))
+    assert type(LlavaMultiLayerProcessor.from_pretrained(tmp_path)) is LlavaMultiLayerProcessor
+    with pytest.raises(OSError, match="not the processor of an instruction-guided"):
+        LlavaMultiLayerInstructionProcessor.from_pretrained(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------------------
