@@ -35,6 +35,7 @@ import torch
 
 from llava_multilayer.configuration import presets
 
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

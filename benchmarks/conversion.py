@@ -50,9 +50,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "mmfuser-clip"  # SentencePiece model and tiny CLIP tower of the tests

@@ -42,11 +42,14 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration  # noqa: E402
 from llava_multilayer.internal_fusion_llava_multilayer import CrossAttentionFusionDecoderLayer  # noqa: E402
+
 
 LSF_SELECTION = (3, 18, 23)  # Layer_Select_Fuse's "3-18-23"
 IGVA_GROUPS = [list(range(start, start + 6)) for start in (1, 7, 13, 19)]

@@ -45,11 +45,14 @@ import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProcessorList
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 import end_to_end  # noqa: E402
+
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration  # noqa: E402
+
 
 MODES = ("bf16", "8bit", "4bit")
 LLAVA_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]

@@ -8,4 +8,5 @@ from llava_multilayer.configuration_llava_multilayer import LlavaMultiLayerConfi
 
 from .presets import PRESETS, get_preset
 
+
 __all__ = ["PRESETS", "LlavaMultiLayerConfig", "get_preset"]

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from llava_multilayer import LlavaMultiLayerConfig
 
+
 CLIP_L_336 = {
     "model_type": "clip_vision_model",
     "hidden_size": 1024,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 
 #: Golden fixture -> family its converter must detect.

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 

@@ -28,12 +28,14 @@ from converted_fixtures import (
     conversion_log,
     converted_dir,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from llava_multilayer.commands import convert as convert_command
 from llava_multilayer.commands import generate as generate_command
 from llava_multilayer.commands.cli import main
 from llava_multilayer.module_roles_llava_multilayer import quantization_skip_modules
-from safetensors import safe_open
-from safetensors.torch import load_file
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

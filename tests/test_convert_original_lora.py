@@ -12,9 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
-from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_mmfuser_to_hf import convert_mmfuser
 from llava_multilayer.conversion.convert_original_lora import convert_original_lora, main
+from llava_multilayer.conversion.reading import ConversionError
+
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmfuser-clip"
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

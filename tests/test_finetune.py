@@ -28,6 +28,7 @@ from llava_multilayer.commands.finetune import (
 )
 from llava_multilayer.commands.finetune_data import IGNORE_INDEX, ConversationCollator, ConversationDataset
 
+
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
 # Every trainable kind at once: an external fuser (mmfuser), internal projectors, internal cross-attention modules

@@ -15,7 +15,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import llava_multilayer
 import pytest
 import torch
 import yaml
@@ -29,11 +28,14 @@ from converted_fixtures import (
     converted_dir,
 )
 from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+
+import llava_multilayer
 from llava_multilayer.commands.cli import main
 from llava_multilayer.conversion.hub import push_to_hub
 from llava_multilayer.conversion.model_card import MODEL_ID_PLACEHOLDER
-from PIL import Image
-from safetensors.torch import load_file
+
 
 PAPERS = {"mmfuser": "2410.11829", "layer_select_fuse": "2503.06063", "igva": "2501.08443"}
 MODELING_DIR = Path(llava_multilayer.__file__).parent
@@ -104,8 +106,8 @@ def test_model_card(name):
 
 
 def test_model_card_without_parity_says_so(tmp_path):
-    from llava_multilayer.conversion.pipeline import ConversionReport
     from llava_multilayer.conversion.model_card import write_model_card
+    from llava_multilayer.conversion.pipeline import ConversionReport
 
     report = json.loads((converted_dir("mmfuser-clip") / "conversion_report.json").read_text())
     report.update(parity=None, verified=True)

@@ -28,8 +28,9 @@ from llava_multilayer import (
     LlavaMultiLayerInstructionProcessor,
     LlavaMultiLayerProcessor,
 )
-from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_igva_to_hf import convert_igva, detect, parse_layer_groups
+from llava_multilayer.conversion.reading import ConversionError
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "igva-clip"

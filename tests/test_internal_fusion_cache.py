@@ -8,7 +8,9 @@ answer differently, without any error.
 import pytest
 import torch
 from conftest import make_inputs, make_model, processor_for, random_image, vicuna_prompt
+
 from llava_multilayer.internal_fusion_llava_multilayer import FusionCrossAttention
+
 
 INTERNAL_VARIANTS = ["internal_add", "internal_cross_pre", "internal_cross_post", "internal_cross_parallel"]
 CROSS_VARIANTS = [variant for variant in INTERNAL_VARIANTS if "cross" in variant]

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_weights_
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, CLIPVisionConfig, SiglipVisionConfig
 
-from conftest import randomize_weights_
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration
-from llava_multilayer.conversion.pipeline import expected_target_shapes
-from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_layer_select_fuse_to_hf import (
     MMFUSER_LEVELS,
     TOWER_LAYERS,
@@ -39,7 +37,10 @@ from llava_multilayer.conversion.convert_layer_select_fuse_to_hf import (
     main,
     original_key_mapping,
 )
+from llava_multilayer.conversion.pipeline import expected_target_shapes
+from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.internal_fusion_llava_multilayer import CrossAttentionFusionDecoderLayer
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(__file__).parent / "fixtures"

@@ -35,7 +35,6 @@ from transformers.models.deformable_detr.modeling_deformable_detr import MultiSc
 import llava_multilayer  # noqa: F401  (registers the family with the Auto classes)
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
 from llava_multilayer.conversion.components import text_config_from_original
-from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.conversion.convert_mmfuser_to_hf import (
     convert_mmfuser,
     detect,
@@ -43,7 +42,9 @@ from llava_multilayer.conversion.convert_mmfuser_to_hf import (
     main,
     parse_select_layer,
 )
+from llava_multilayer.conversion.reading import ConversionError
 from llava_multilayer.deformable_fusion_llava_multilayer import MMFuserBlock, MMFuserDeformableAttention
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

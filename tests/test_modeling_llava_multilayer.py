@@ -39,7 +39,11 @@ from llava_multilayer import (
     LlavaMultiLayerModel,
     LlavaMultiLayerProcessor,
 )
-from llava_multilayer.compatibility_llava_multilayer import enable_activation_checkpointing, is_activation_checkpointing
+from llava_multilayer.compatibility_llava_multilayer import (
+    enable_activation_checkpointing,
+    is_activation_checkpointing,
+)
+
 
 ALL_VARIANTS = list(VARIANTS)
 PROMPT_A = vicuna_prompt("What is shown in this image?")

@@ -28,6 +28,7 @@ from llava_multilayer.conversion.pipeline import run_conversion
 from llava_multilayer.conversion.reading import CheckpointReader, ConversionError, TensorDictReader, load_torch_file
 from llava_multilayer.conversion.writing import ShardedSafetensorsWriter
 
+
 PROJECTOR_WEIGHT = "model.multi_modal_projector.linear_1.weight"
 
 

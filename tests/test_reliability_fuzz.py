@@ -32,6 +32,7 @@ from conftest import FIXTURES_DIR
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+
 # The raw-pickle mutations use protocol 4, which torch's weights-only unpickler warns about before refusing them.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from llava_multilayer.processing_llava_multilayer import to_rgb
 
+
 CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+
 SETTINGS = settings(
     max_examples=25,
     deadline=None,

@@ -10,6 +10,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+
 ROOT = Path(__file__).parent.parent
 TESTED_RANGE = ("torch", "transformers", "peft")
 

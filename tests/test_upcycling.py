@@ -17,6 +17,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 from llava_multilayer import LlavaMultiLayerForConditionalGeneration, LlavaMultiLayerProcessor
 from llava_multilayer.upcycling_llava_multilayer import UpcyclingError, processor_from_llava
 
+
 # transformers' LLaVA embeds the image token, so it needs it inside the vocabulary: the fixture tokenizer's 512 tokens
 # plus `<image>` (id 512).
 IMAGE_TOKEN_ID = 512
