@@ -62,7 +62,9 @@ install_requires = [
 setup(
     name="llava-multilayer",
     version=version,
-    description="Multi-layer visual feature fusion (MMFuser, Layer_Select_Fuse, IGVA) for LLaVA models in transformers",
+    description=(
+        "Multi-layer visual feature fusion (MMFuser, Layer_Select_Fuse, IGVA) for LLaVA models in transformers"
+    ),
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

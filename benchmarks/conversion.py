@@ -290,9 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--llm-width", type=int, help="LLaMA hidden size (default: 4096, 1024 with --quick).")
     parser.add_argument("--llm-layers", type=int, help="LLaMA decoder layers (default: 32, 4 with --quick).")
     parser.add_argument(
-        "--shard-size-mb", type=float, help="Max source shard size in MB (default: 5000, as the original; 64 with --quick)."
+        "--shard-size-mb",
+        type=float,
+        help="Max source shard size in MB (default: 5000, as the original; 64 with --quick).",
     )
-    parser.add_argument("--workdir", type=Path, help="Where to write the checkpoints (default: a temporary directory).")
+    parser.add_argument(
+        "--workdir", type=Path, help="Where to write the checkpoints (default: a temporary directory)."
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the synthetic checkpoint (to --reuse it).")
     parser.add_argument("--reuse", type=Path, help="A directory kept by --keep: measure its checkpoint again.")
     args = parser.parse_args(argv)

@@ -60,7 +60,10 @@ DEFAULT_DECODE_TARGET = 0.97
 
 
 def lsf_layer_map(num_layers: int, selection: tuple[int, ...] = LSF_SELECTION) -> list[list[int]]:
-    """Layer_Select_Fuse's decoder layers for a layer selection: `t(v) = int(v * L / 24 - 1)`, first occurrence wins."""
+    """Layer_Select_Fuse's decoder layers for a layer selection.
+
+    `t(v) = int(v * L / 24 - 1)`; the first occurrence wins.
+    """
     layer_map = {}
     for feature, layer in enumerate(selection):
         decoder_layer = int(layer * num_layers / 24 - 1)
@@ -188,7 +191,9 @@ def count_cross_key_value_calls(model) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_arguments(parser, "end_to_end", default_dtype="auto")
-    parser.add_argument("--llm-layers", type=int, help="Decoder layers (default: 2 on CPU, 32 on CUDA, 3 with --quick).")
+    parser.add_argument(
+        "--llm-layers", type=int, help="Decoder layers (default: 2 on CPU, 32 on CUDA, 3 with --quick)."
+    )
     parser.add_argument("--prompt-tokens", type=int, default=32, help="Text tokens after the image (default: 32).")
     parser.add_argument("--new-tokens", type=int, help="Generated tokens per run (default: 16, 4 with --quick).")
     parser.add_argument("--fusion-types", nargs="+", choices=FUSION_TYPES, default=list(FUSION_TYPES))
@@ -279,7 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "fusion": name,
                 "internal_layer_map": model.config.internal_layer_map,
-                "extra_parameters": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in llava.parameters()),
+                "extra_parameters": (
+                    sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in llava.parameters())
+                ),
                 "prefill_ms": _common.median(prefill_times[name]) * 1e3,
                 "llava_prefill_ms": _common.median(prefill_times["llava"]) * 1e3,
                 "prefill_ratio": prefill_ratio,
@@ -303,7 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print("\nSelf-checks: " + ", ".join(f"{key}={value}" for key, value in checks.items()))
     targets = [
-        _common.check_target(f"decode {row['fusion']}", row["decode_ratio"], row["decode_target"], higher_is_better=True)
+        _common.check_target(
+            f"decode {row['fusion']}", row["decode_ratio"], row["decode_target"], higher_is_better=True
+        )
         for row in rows
     ]
     _common.print_targets(targets)

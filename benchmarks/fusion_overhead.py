@@ -93,7 +93,9 @@ def fuser_specs(quick: bool) -> list[FuserSpec]:
             note="reference: the same block sampling with transformers' pure-PyTorch MultiScaleDeformableAttention",
             extra={"transformers_core": True},
         ),
-        FuserSpec("mmfuser E_M 3-18-23", "clip", {"fusion_type": "mmfuser", "vision_feature_layer": [3, 18, 23]}, 1.03),
+        FuserSpec(
+            "mmfuser E_M 3-18-23", "clip", {"fusion_type": "mmfuser", "vision_feature_layer": [3, 18, 23]}, 1.03
+        ),
         FuserSpec(
             "mmfuser E_M all", "clip",
             {"fusion_type": "mmfuser", "vision_feature_layer": [*range(1, 25), 23]},
@@ -121,7 +123,9 @@ def fuser_specs(quick: bool) -> list[FuserSpec]:
             note="four MLP projectors instead of one (the fusion itself runs in the language model)",
         ),
         FuserSpec("single (LLaVA-1.5, layer -2)", "siglip", {"fusion_type": "single", "vision_feature_layer": -2}),
-        FuserSpec("concat E_D 3-18-23", "siglip", {"fusion_type": "concat", "vision_feature_layer": [3, 20, 25]}, 1.02),
+        FuserSpec(
+            "concat E_D 3-18-23", "siglip", {"fusion_type": "concat", "vision_feature_layer": [3, 20, 25]}, 1.02
+        ),
         FuserSpec(
             "concat E_D latter", "siglip",
             {"fusion_type": "concat", "vision_feature_layer": [list(range(15, 27)), 25]}, 1.02,
@@ -184,7 +188,8 @@ def multilayer_image_model(config: LlavaMultiLayerConfig, tower: nn.Module, devi
         model.instruction_encoder = InstructionEncoder(config.instruction_encoder_config).to(device, dtype)
     if model.internal_projectors is not None:
         model.internal_projectors = nn.ModuleList(
-            LlavaMultiLayerMLPProjector(config, config.vision_config.hidden_size) for _ in config.internal_feature_layers
+            LlavaMultiLayerMLPProjector(config, config.vision_config.hidden_size)
+            for _ in config.internal_feature_layers
         ).to(device, dtype)
     return model.eval()
 
@@ -342,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--direct", action="store_true", help="Also time whole paths (tower included) head to head.")
     parser.add_argument(
         "--use-kernels", action="store_true",
-        help="Let transformers replace the deformable sampling by the hub's compiled kernel (`kernels` package, CUDA).",
+        help=(
+            "Let transformers replace the deformable sampling by the hub's compiled kernel (`kernels` package, CUDA)."
+        ),
     )
     args = parser.parse_args(argv)
     device, dtype = _common.setup(args)

@@ -176,7 +176,9 @@ def load(model_class, directory: Path, mode: str, skip_modules: list[str], max_m
         dtype=torch.bfloat16,
         device_map="auto",
         max_memory=max_memory,
-        attn_implementation=end_to_end.attn_implementation(model_class.config_class.from_pretrained(directory), "sdpa"),
+        attn_implementation=end_to_end.attn_implementation(
+            model_class.config_class.from_pretrained(directory), "sdpa"
+        ),
         quantization_config=quantization_config(mode, skip_modules),
     )
     split = split_no_split_modules(model, getattr(model, "hf_device_map", None) or {"": model.device})
@@ -195,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE", help="e.g. 0=20GiB cpu=64GiB")
-    parser.add_argument("--workdir", type=Path, help="Where to save the random checkpoints (default: a temporary dir).")
+    parser.add_argument(
+        "--workdir", type=Path, help="Where to save the random checkpoints (default: a temporary dir)."
+    )
     args = parser.parse_args(argv)
     device, dtype = _common.setup(args)
     if device.type != "cuda":
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     placements = {}
     for name, config in configs.items():
         squeezed = {0: int(gpu_bytes * 0.05), 1: int(gpu_bytes * 0.05), "cpu": 10**12}
-        for label, memory in (("auto", max_memory or {0: int(gpu_bytes * 0.9), "cpu": 10**12}), ("squeezed", squeezed)):
+        auto = max_memory or {0: int(gpu_bytes * 0.9), "cpu": 10**12}
+        for label, memory in (("auto", auto), ("squeezed", squeezed)):
             report = device_map_report(config, memory)
             if report["split_no_split_modules"]:
                 raise SystemExit(f"error: {name}: infer_auto_device_map split {report['split_no_split_modules']}")
@@ -281,7 +286,9 @@ def measure(args, mode: str, name: str, llava, llava_inputs: dict, model, checks
             diff = (model(**inputs).logits.float() - llava(**llava_inputs).logits.float().to(model.device)).abs().max()
         checks[f"{mode} single logits max abs diff vs llava"] = float(diff)
         if mode == "bf16" and diff > 0.05:
-            raise SystemExit(f"error: the `single` model should reproduce Llava's logits, differs by {float(diff):.3g}.")
+            raise SystemExit(
+                f"error: the `single` model should reproduce Llava's logits, differs by {float(diff):.3g}."
+            )
     cross_calls = end_to_end.count_cross_key_value_calls(model) if name == "I_M" else None
     models = {"llava": (llava, llava_inputs), name: (model, inputs)}
     cuda = torch.device("cuda")
@@ -317,8 +324,10 @@ def measure(args, mode: str, name: str, llava, llava_inputs: dict, model, checks
     if cross_calls is not None:
         runs, layers = args.repeats + args.warmup, len(model.model.internal_fusion_layers)
         if cross_calls[0] != runs * layers:
-            raise SystemExit(f"error: I_M computed cross-attention keys {cross_calls[0]} times in {runs} generate calls "
-                             f"with {layers} fused layers; expected once per layer per call.")
+            raise SystemExit(
+                f"error: I_M computed cross-attention keys {cross_calls[0]} times in {runs} generate calls "
+                f"with {layers} fused layers; expected once per layer per call."
+            )
     decode = {key: seconds[args.warmup:] for key, seconds in decode_seconds.items()}
     # Both models are resident: each one's weights are its footprint, its generate() adds the peak measured here.
     return {

@@ -58,7 +58,14 @@ VICUNA_7B = {
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-5,
 }
-VICUNA_13B = {**VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40}
+VICUNA_13B = {
+    **VICUNA_7B,
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+}
 MOBILELLAMA_1_4B = {
     "model_type": "llama",
     "hidden_size": 2048,

@@ -179,10 +179,8 @@ class LocalHub:
                     return self._reply(200, {})
                 if self.path.startswith("/api/models/") and "/preupload/" in self.path:
                     files = json.loads(body)["files"]
-                    return self._reply(
-                        200,
-                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
-                    )
+                    preupload = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    return self._reply(200, {"files": preupload})
                 if self.path.startswith("/api/models/") and "/commit/" in self.path:
                     repo_id = self.path[len("/api/models/") :].split("/commit/")[0]
                     commit = {"repo_id": repo_id, "message": None, "files": {}}

@@ -1,7 +1,8 @@
 """The `llava-multilayer` command line: convert (family auto-detection), inspect, generate, chat, demo.
 
 Every golden fixture is converted once per session with `llava-multilayer convert` (tests/converted_fixtures.py);
-the conversions need the three family converters (conversion_scripts/convert_{mmfuser,layer_select_fuse,igva}_to_hf.py).
+the conversions need the three family converters
+(conversion_scripts/convert_{mmfuser,layer_select_fuse,igva}_to_hf.py).
 """
 
 from __future__ import annotations

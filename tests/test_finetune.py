@@ -260,7 +260,9 @@ def test_finetune_learns_saves_reloads_merges_and_resumes(tmp_path, processor):
     assert run_merge(args) == 0
     merged = LlavaMultiLayerForConditionalGeneration.from_pretrained(tmp_path / "merged")
     merge_diff = (logits(merged, batch) - expected).abs().max().item()
-    print(f"max |logits| differences to the trained model: reloaded adapter {reload_diff:.2e}, merged {merge_diff:.2e}")
+    print(
+        f"max |logits| differences to the trained model: reloaded adapter {reload_diff:.2e}, merged {merge_diff:.2e}"
+    )
     assert reload_diff == 0.0
     assert merge_diff < 1e-5
     assert (tmp_path / "merged" / "processor_config.json").is_file()
@@ -311,7 +313,8 @@ def test_qlora_quantizes_only_language_model_linears(tmp_path, processor):
     )
     assert names == expected
 
-    peft_model = prepare_model_for_finetuning(quantized, build_lora_config(quantized.config, r=4, alpha=8, dropout=0.0))
+    lora_config = build_lora_config(quantized.config, r=4, alpha=8, dropout=0.0)
+    peft_model = prepare_model_for_finetuning(quantized, lora_config)
     peft_model.train()
     Image.new("RGB", (40, 30), COLORS["red"]).save(tmp_path / "a.png")
     conversation = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "Red."}]

@@ -92,7 +92,10 @@ def expanded_ids(suffix: str, config: LlavaMultiLayerConfig) -> list[int]:
 
 def process(processor, image, suffix: str):
     return processor(
-        images=image, text=PROMPTS["prompt" + suffix], instructions=[PROMPTS["instruction" + suffix]], return_tensors="pt"
+        images=image,
+        text=PROMPTS["prompt" + suffix],
+        instructions=[PROMPTS["instruction" + suffix]],
+        return_tensors="pt",
     )
 
 
@@ -108,7 +111,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> N
 def test_converted_config_keeps_the_original_settings(converted_dir):
     config = LlavaMultiLayerConfig.from_pretrained(converted_dir)
     assert config.fusion_type == "igva"
-    assert config.igva_layer_groups == [list(range(1, 7)), list(range(7, 13)), list(range(13, 19)), list(range(19, 25))]
+    assert config.igva_layer_groups == [list(range(start, start + 6)) for start in (1, 7, 13, 19)]
     assert config.vision_feature_layer == -2
     assert not config.igva_aggregate_by_average
     assert (config.igva_num_blocks, config.igva_num_heads, config.igva_hidden_size) == (4, 4, 40)
@@ -260,10 +263,14 @@ def test_instruction_inside_or_precomputed_gives_the_same_features(model, suffix
 
 def test_padded_instructions_are_masked_out_of_the_mean(processor, model, image):
     instructions = [PROMPTS["instruction"], "a much longer instruction that forces padding of the first one here"]
-    batch = processor(images=[image, image], text=[PROMPTS["prompt"]] * 2, instructions=instructions, return_tensors="pt")
+    batch = processor(
+        images=[image, image], text=[PROMPTS["prompt"]] * 2, instructions=instructions, return_tensors="pt"
+    )
     assert not batch["instruction_attention_mask"][0].all()
     with torch.no_grad():
-        embeds = model.model.get_instruction_embeds(batch["instruction_input_ids"], batch["instruction_attention_mask"])
+        embeds = model.model.get_instruction_embeds(
+            batch["instruction_input_ids"], batch["instruction_attention_mask"]
+        )
     assert_close(embeds[:1], INPUTS["sentence_embeds"], atol=1e-6)
 
 
@@ -323,7 +330,9 @@ def test_instruction_embeds_of_the_wrong_shape_are_an_error(model):
         model.get_image_features(pixel_values, instruction_embeds=torch.zeros(1, 48))
     with pytest.raises(ValueError, match="not both"):
         model.get_image_features(
-            pixel_values, instruction_embeds=INPUTS["sentence_embeds"], instruction_input_ids=INPUTS["instruction_input_ids"]
+            pixel_values,
+            instruction_embeds=INPUTS["sentence_embeds"],
+            instruction_input_ids=INPUTS["instruction_input_ids"],
         )
 
 
@@ -379,7 +388,9 @@ def test_linear_projector_is_refused(tmp_path):
     config["mm_projector_type"] = "linear"
     (original / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="mm_projector_type='linear' is not supported"):
-        convert_igva(original, tmp_path / "out", FIXTURE / "vision_tower", FIXTURE / "sentence_embedder", progress=False)
+        convert_igva(
+            original, tmp_path / "out", FIXTURE / "vision_tower", FIXTURE / "sentence_embedder", progress=False
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -418,7 +429,8 @@ def make_base_language_model(directory: Path) -> Path:
         "max_position_embeddings", "rms_norm_eps", "rope_theta", "vocab_size", "bos_token_id", "eos_token_id",
         "pad_token_id", "hidden_act", "tie_word_embeddings", "attention_bias",
     )  # fmt: skip
-    config = {key: original[key] for key in llama_keys} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    config = {key: original[key] for key in llama_keys}
+    config |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     (directory / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         shutil.copy(FIXTURE / "original" / name, directory / name)
@@ -448,13 +460,16 @@ def test_stage1_pretrain_conversion(tmp_path, image):
     pixel_values = processor(images=image, text=PROMPTS["prompt"], return_tensors="pt")["pixel_values"]
     assert torch.equal(pixel_values, INPUTS["pixel_values"])
     tower = CLIPVisionModel.from_pretrained(FIXTURE / "vision_tower", dtype=torch.float32).eval()
-    groups = parse_layer_groups(json.loads((FIXTURE / "original_pretrain" / "config.json").read_text())["vit_aggregate_groups"])
+    pretrain_config = json.loads((FIXTURE / "original_pretrain" / "config.json").read_text())
+    groups = parse_layer_groups(pretrain_config["vit_aggregate_groups"])
     with torch.no_grad():
         hidden_states = tower(pixel_values, output_hidden_states=True).hidden_states
         group_means = [torch.stack([hidden_states[i] for i in group]).mean(0)[:, 1:] for group in groups]
         final = torch.cat([hidden_states[-2][:, 1:], torch.stack(group_means).mean(0)], dim=-1)
         mlp_weights = {k: v.float() for k, v in projector.items()}
-        hidden = torch.nn.functional.gelu(final @ mlp_weights["model.mm_projector.0.weight"].T + mlp_weights["model.mm_projector.0.bias"])
+        hidden = torch.nn.functional.gelu(
+            final @ mlp_weights["model.mm_projector.0.weight"].T + mlp_weights["model.mm_projector.0.bias"]
+        )
         reference = hidden @ mlp_weights["model.mm_projector.2.weight"].T + mlp_weights["model.mm_projector.2.bias"]
         output = model.get_image_features(pixel_values)
     assert_close(output.image_features, reference, atol=1e-5)
@@ -474,6 +489,8 @@ def test_differing_tower_copy_in_the_checkpoint_is_reported(tmp_path, caplog):
     state_dict[key] = state_dict[key] + 1
     save_file(state_dict, original / "model.safetensors", metadata={"format": "pt"})
     with caplog.at_level("WARNING"):
-        convert_igva(original, tmp_path / "out", FIXTURE / "vision_tower", FIXTURE / "sentence_embedder", progress=False)
+        convert_igva(
+            original, tmp_path / "out", FIXTURE / "vision_tower", FIXTURE / "sentence_embedder", progress=False
+        )
     assert "1 vision-tower tensor(s) stored in the original checkpoint differ from --vision-tower" in caplog.text
     assert key in caplog.text

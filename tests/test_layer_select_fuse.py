@@ -92,7 +92,8 @@ def make_base_language_model(name: str, directory: Path) -> Path:
     llama = {
         key: tensor
         for key, tensor in tensors.items()
-        if key == "lm_head.weight" or (key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")) and "ucross" not in key)
+        if key == "lm_head.weight"
+        or (key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")) and "ucross" not in key)
     }
     save_file(llama, directory / "model.safetensors", metadata={"format": "pt"})
     for file in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
@@ -274,11 +275,21 @@ def _tiny_original(strategy: str, selection: str, encoder: str, num_layers: int)
         original["mm_vision_tower"] = "google/siglip-so400m-patch14-384"
         original["mm_hidden_size"] = 1152  # what the original always writes for SigLIP (a default config)
         tower = SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=27, num_attention_heads=4, image_size=42, patch_size=7
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=27,
+            num_attention_heads=4,
+            image_size=42,
+            patch_size=7,
         )
     else:
         tower = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=24, num_attention_heads=4, image_size=42, patch_size=7
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=24,
+            num_attention_heads=4,
+            image_size=42,
+            patch_size=7,
         )
     return original, tower
 
@@ -306,7 +317,8 @@ def _original_fusion_keys(strategy: str, selection: str, config: LlavaMultiLayer
             rows = {"sampling_offsets": 16 * num_levels * 4 * 2, "attention_weights": 16 * num_levels * 4}
             rows.update(value_proj=width, output_proj=width)
             for linear, out in rows.items():
-                keys.update({f"{block}{attention}.{linear}.weight": (out, width), f"{block}{attention}.{linear}.bias": (out,)})
+                prefix = f"{block}{attention}.{linear}"
+                keys.update({f"{prefix}.weight": (out, width), f"{prefix}.bias": (out,)})
         return keys
     num_projectors = {"18": 1, "3-18": 2, "3-18-23": 3, "former": 12, "latter": 12, "all": 24}[selection]
     keys = mlp("model.mm_projector_f", width)
@@ -371,7 +383,12 @@ def test_real_size_fusion_keys_match_the_original_classes(strategy, selection, n
     original.update(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
                     vocab_size=32000, mm_hidden_size=1024)  # fmt: skip
     tower = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
     )
     config, _ = build_config(original, tower, image_token_id=32000)
     assert config.image_seq_length == 576
@@ -540,7 +557,12 @@ def test_pretrain_artifacts_convert_to_the_same_model(name, converted, tmp_path)
 def test_model_card_records_the_fusion_settings(name, converted):
     card = (converted[name] / "README.md").read_text()
     strategy, encoder = name.split("-")[1:3]
-    for text in (f'`layer_fusing_strategy`: `"{strategy}"`', '`layer_using_strategy`: `"3-18-23"`', f'`encoder`: `"{encoder}"`'):
+    expected = (
+        f'`layer_fusing_strategy`: `"{strategy}"`',
+        '`layer_using_strategy`: `"3-18-23"`',
+        f'`encoder`: `"{encoder}"`',
+    )
+    for text in expected:
         assert text in card
     if strategy.startswith("I_"):
         assert '`internal_layer_map`: `[[0, 0], [2, 1], [3, 2]]`' in card
@@ -585,7 +607,8 @@ def _pretrain_dir_with_collisions(tmp_path: Path, selection: str = "all") -> tup
             tensors[f"model.mm_projectors.{k}.{linear}.weight"] = torch.randn(shape, generator=generator)
             tensors[f"model.mm_projectors.{k}.{linear}.bias"] = torch.randn(shape[:1], generator=generator)
     for k in range(num_projectors):
-        torch.save({key: t for key, t in tensors.items() if f"mm_projectors.{k}" in key}, directory / f"mm_projector_{k}.bin")
+        projector = {key: t for key, t in tensors.items() if f"mm_projectors.{k}" in key}
+        torch.save(projector, directory / f"mm_projector_{k}.bin")
     return directory, tensors
 
 
@@ -609,7 +632,8 @@ def test_prefix_collisions_are_assigned_to_their_true_projector(tmp_path):
                 assert torch.equal(written[f"model.internal_projectors.{k}.{target}.{param}"], tensors[key]), key
     copies = sorted(key for key in report.dropped if key.startswith("mm_projector_"))
     assert len(copies) == 4 * (10 + 4)
-    assert all(key.startswith(("mm_projector_1.bin:model.mm_projectors.1", "mm_projector_2.bin:model.mm_projectors.2")) for key in copies)
+    copied_projectors = ("mm_projector_1.bin:model.mm_projectors.1", "mm_projector_2.bin:model.mm_projectors.2")
+    assert all(key.startswith(copied_projectors) for key in copies)
     assert report.settings["internal_layer_map"] == [[layer, layer] for layer in range(5)]
 
     model = LlavaMultiLayerForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
@@ -732,7 +756,8 @@ def test_left_padded_batch_of_unequal_lengths(name, converted):
     for row, (prompt, row_image) in enumerate(zip(prompts, images)):
         single = processor(images=row_image, text=prompt, return_tensors="pt")
         alone = model.generate(**single, max_new_tokens=6, do_sample=False)
-        assert generated[row, batch["input_ids"].shape[1] :].tolist() == alone[0, single["input_ids"].shape[1] :].tolist()
+        new_tokens = generated[row, batch["input_ids"].shape[1] :]
+        assert new_tokens.tolist() == alone[0, single["input_ids"].shape[1] :].tolist()
         with torch.no_grad():
             logits = model(**single).logits[0]
         torch.testing.assert_close(batch_logits[row][mask[row].bool()], logits, atol=1e-5, rtol=0)

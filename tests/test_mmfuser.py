@@ -69,7 +69,9 @@ def run_converter(*args: str) -> subprocess.CompletedProcess:
 
 
 def cli_args(output_dir: Path, input_dir: Path = ORIGINAL, *extra: str) -> list[str]:
-    return ["--input-dir", str(input_dir), "--output-dir", str(output_dir), "--vision-tower", str(VISION_TOWER), *extra]
+    return [
+        "--input-dir", str(input_dir), "--output-dir", str(output_dir), "--vision-tower", str(VISION_TOWER), *extra
+    ]
 
 
 def original_tensors() -> dict[str, torch.Tensor]:

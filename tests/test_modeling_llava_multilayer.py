@@ -126,7 +126,9 @@ def test_baseline_fusers_match_llava(processor, vision_feature_layer, image_toke
 def test_llava_parity_detects_a_wrong_layer(processor):
     """The parity check is sensitive: the same weights with another feature layer give other logits."""
     llava, _ = _llava_pair(-2, True)
-    other = make_model("single", vision_feature_layer=-3, text_config=tiny_text_config(vocab_size=513), randomize=False)
+    other = make_model(
+        "single", vision_feature_layer=-3, text_config=tiny_text_config(vocab_size=513), randomize=False
+    )
     other.load_state_dict(llava.state_dict(), strict=True)
     inputs = make_inputs(processor, [PROMPT_A], [random_image(0)])
     with torch.no_grad():

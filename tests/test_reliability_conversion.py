@@ -1,5 +1,5 @@
-"""Reliability of the shared conversion machinery (`conversion_scripts/`: reading, key rules, pipeline, writing, checks): a conversion never
-loses or corrupts data, and a broken checkpoint gives a clear error and no output.
+"""Reliability of the shared conversion machinery (`conversion_scripts/`: reading, key rules, pipeline, writing,
+checks): a conversion never loses or corrupts data, and a broken checkpoint gives a clear error and no output.
 
 The checkpoints here are tiny "original" directories whose keys are already the converted names (identity key
 mapping), so that every check exercises `run_conversion` / `CheckpointReader` themselves, independently of any
@@ -158,7 +158,9 @@ def test_renamed_key_is_an_error(tiny, tmp_path):
     renamed = {("model.mm_projector.0.weight" if k == PROJECTOR_WEIGHT else k): v for k, v in state.items()}
     source = write_single(tmp_path / "source", renamed)
     mapping = lambda key: key if key in state else None  # noqa: E731
-    assert_failed_cleanly(tiny, source, tmp_path / "out", r"no known target: model\.mm_projector\.0\.weight", mapping=mapping)
+    assert_failed_cleanly(
+        tiny, source, tmp_path / "out", r"no known target: model\.mm_projector\.0\.weight", mapping=mapping
+    )
 
 
 def test_target_the_model_lacks_is_an_error(tiny, tmp_path):
@@ -226,7 +228,9 @@ def test_cast_that_overflows_is_an_error(tiny, tmp_path):
     big = state[PROJECTOR_WEIGHT].clone()
     big[0, 0] = 1e6  # finite in float32 and bfloat16, infinite in float16
     source = write_single(tmp_path / "source", {**state, PROJECTOR_WEIGHT: big})
-    assert_failed_cleanly(tiny, source, tmp_path / "out", rf"{PROJECTOR_WEIGHT}.*overflow to infinity", dtype="float16")
+    assert_failed_cleanly(
+        tiny, source, tmp_path / "out", rf"{PROJECTOR_WEIGHT}.*overflow to infinity", dtype="float16"
+    )
     convert(tiny, source, tmp_path / "bf16", dtype="bfloat16")
     assert torch.isfinite(stored(tmp_path / "bf16")[PROJECTOR_WEIGHT]).all()
 
@@ -275,7 +279,9 @@ def test_verify_catches_a_tensor_corrupted_on_the_way_to_disk(tiny, tmp_path, mo
         add(self, key, tensor + 1e-3 if key == PROJECTOR_WEIGHT else tensor)
 
     monkeypatch.setattr(ShardedSafetensorsWriter, "add", corrupting_add)
-    assert_failed_cleanly(tiny, source, tmp_path / "out", rf"--verify: reloaded tensors differ.*{PROJECTOR_WEIGHT}", verify=True)
+    assert_failed_cleanly(
+        tiny, source, tmp_path / "out", rf"--verify: reloaded tensors differ.*{PROJECTOR_WEIGHT}", verify=True
+    )
 
 
 def test_verify_catches_a_stored_dtype_change(tiny, tmp_path, monkeypatch):
@@ -414,7 +420,15 @@ def _truncate(path: Path, keep: float) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncated to 50%", "last byte cut", "header only", "zero bytes", "random bytes", "index garbled", "data byte flipped"],
+    [
+        "truncated to 50%",
+        "last byte cut",
+        "header only",
+        "zero bytes",
+        "random bytes",
+        "index garbled",
+        "data byte flipped",
+    ],
 )
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_corrupt_weight_file_names_the_file(tiny, tmp_path, damage, fmt):
@@ -431,7 +445,8 @@ def test_corrupt_weight_file_names_the_file(tiny, tmp_path, damage, fmt):
     elif damage == "zero bytes":
         path.write_bytes(b"")
     elif damage == "random bytes":
-        path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes())
+        noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+        path.write_bytes(noise.byte().numpy().tobytes())
     elif damage == "index garbled":  # safetensors: the JSON header; zip: the central directory at the end
         garbled = data[:8] + b"{{{{" + data[12:] if fmt == "safetensors" else data[:-40] + b"{" * 20 + data[-20:]
         path.write_bytes(garbled)

@@ -261,6 +261,10 @@ def _rename(old: str, new: str) -> Callable[[dict], None]:
     return lambda tensors: tensors.__setitem__(new, tensors.pop(old))
 
 
+def _transform(key: str, transform: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    return lambda tensors: tensors.__setitem__(key, transform(tensors[key]))
+
+
 def _write_bytes(relative: str, transform: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     def mutate(work: Workdir) -> None:
         path = work.root / relative
@@ -396,19 +400,22 @@ def cases_for(family: Family) -> list[Case]:
     with safe_open(FIXTURES_DIR / family.fixture / "original" / "model.safetensors", framework="pt") as handle:
         keys = list(handle.keys())
     llm_key = "model.layers.0.self_attn.q_proj.weight"
-    projector_key = next(k for k in keys if k.startswith("model.mm_projector") and k.endswith("weight") and k != family.fusion_key)
+    projector_key = next(
+        k for k in keys if k.startswith("model.mm_projector") and k.endswith("weight") and k != family.fusion_key
+    )
     assert family.fusion_key in keys and llm_key in keys
     cases: list[Case] = []
 
     # config.json as a whole
+    config_json = "original/config.json"
     cases += [
-        Case("config.json missing", _remove("original/config.json"), r"config\.json"),
-        Case("config.json not JSON", _write_bytes("original/config.json", lambda d: d[: len(d) // 2]), r"config\.json"),
-        Case("config.json a list", _write_bytes("original/config.json", lambda d: b"[1, 2]"), r"config\.json"),
-        Case("config.json empty object", _write_bytes("original/config.json", lambda d: b"{}"), None),
+        Case("config.json missing", _remove(config_json), r"config\.json"),
+        Case("config.json not JSON", _write_bytes(config_json, lambda d: d[: len(d) // 2]), r"config\.json"),
+        Case("config.json a list", _write_bytes(config_json, lambda d: b"[1, 2]"), r"config\.json"),
+        Case("config.json empty object", _write_bytes(config_json, lambda d: b"{}"), None),
         Case(
             "config.json duplicate key",
-            _write_bytes("original/config.json", lambda d: d.replace(b'"hidden_size"', b'"hidden_size": 64, "hidden_size"', 1)),
+            _write_bytes(config_json, lambda d: d.replace(b'"hidden_size"', b'"hidden_size": 64, "hidden_size"', 1)),
             r"hidden_size",
         ),
     ]
@@ -420,36 +427,77 @@ def cases_for(family: Family) -> list[Case]:
                 cases.append(Case(f"config {name} {label}", _set_config(name, value), None))
     for name, values in family.ignored_config.items():
         for value in values:
-            cases.append(Case(f"config {name} = {value!r} (ignored by the original)", _set_config(name, value), None, "either"))
+            label = f"config {name} = {value!r} (ignored by the original)"
+            cases.append(Case(label, _set_config(name, value), None, "either"))
     # weights: keys
+    fusion_key = family.fusion_key
     cases += [
-        Case("LLM key renamed", _edit_tensors(_rename(llm_key, llm_key.replace("q_proj", "query"))), r"self_attn\.query"),
+        Case(
+            "LLM key renamed",
+            _edit_tensors(_rename(llm_key, llm_key.replace("q_proj", "query"))),
+            r"self_attn\.query",
+        ),
         Case("projector key renamed", _edit_tensors(_rename(projector_key, projector_key + "_v2")), r"_v2"),
-        Case("fusion key renamed", _edit_tensors(_rename(family.fusion_key, family.fusion_key.replace("weight", "w"))), None),
-        Case("extra key", _edit_tensors(lambda t: t.__setitem__("model.extra_head.weight", torch.zeros(3))), r"extra_head"),
+        Case("fusion key renamed", _edit_tensors(_rename(fusion_key, fusion_key.replace("weight", "w"))), None),
+        Case(
+            "extra key",
+            _edit_tensors(lambda t: t.__setitem__("model.extra_head.weight", torch.zeros(3))),
+            r"extra_head",
+        ),
         Case("LLM key missing", _edit_tensors(lambda t: t.pop("model.norm.weight")), r"norm\.weight"),
         Case("projector key missing", _edit_tensors(lambda t: t.pop(projector_key)), None),
-        Case("fusion key missing", _edit_tensors(lambda t: t.pop(family.fusion_key)), None),
+        Case("fusion key missing", _edit_tensors(lambda t: t.pop(fusion_key)), None),
         Case("all weights missing", _edit_tensors(lambda t: t.clear()), None),
     ]
     # weights: shapes and dtypes
     cases += [
-        Case("LLM weight transposed", _edit_tensors(lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"].t().contiguous())), r"lm_head\.weight"),
-        Case("projector weight one row short", _edit_tensors(lambda t: t.__setitem__(projector_key, t[projector_key][:-1].contiguous())), re.escape(projector_key)),
-        Case("fusion weight flattened", _edit_tensors(lambda t: t.__setitem__(family.fusion_key, t[family.fusion_key].flatten())), re.escape(family.fusion_key)),
-        Case("LLM weight int64", _edit_tensors(lambda t: t.__setitem__(llm_key, t[llm_key].to(torch.int64))), re.escape(llm_key) + r".*int64"),
-        Case("fusion weight int32", _edit_tensors(lambda t: t.__setitem__(family.fusion_key, t[family.fusion_key].to(torch.int32))), r"int32"),
-        Case("projector weight bool", _edit_tensors(lambda t: t.__setitem__(projector_key, t[projector_key] > 0)), r"bool"),
-        Case("one LLM weight float16", _edit_tensors(lambda t: t.__setitem__(llm_key, t[llm_key].half())), None, expect="either"),
-        Case("all weights bfloat16", _edit_tensors(lambda t: t.update({k: v.bfloat16() for k, v in t.items()})), None, expect="either"),
+        Case(
+            "LLM weight transposed",
+            _edit_tensors(_transform("lm_head.weight", lambda w: w.t().contiguous())),
+            r"lm_head\.weight",
+        ),
+        Case(
+            "projector weight one row short",
+            _edit_tensors(_transform(projector_key, lambda w: w[:-1].contiguous())),
+            re.escape(projector_key),
+        ),
+        Case(
+            "fusion weight flattened",
+            _edit_tensors(_transform(fusion_key, lambda w: w.flatten())),
+            re.escape(fusion_key),
+        ),
+        Case(
+            "LLM weight int64",
+            _edit_tensors(_transform(llm_key, lambda w: w.to(torch.int64))),
+            re.escape(llm_key) + r".*int64",
+        ),
+        Case("fusion weight int32", _edit_tensors(_transform(fusion_key, lambda w: w.to(torch.int32))), r"int32"),
+        Case("projector weight bool", _edit_tensors(_transform(projector_key, lambda w: w > 0)), r"bool"),
+        Case(
+            "one LLM weight float16",
+            _edit_tensors(_transform(llm_key, lambda w: w.half())),
+            None,
+            expect="either",
+        ),
+        Case(
+            "all weights bfloat16",
+            _edit_tensors(lambda t: t.update({k: v.bfloat16() for k, v in t.items()})),
+            None,
+            expect="either",
+        ),
     ]
     # weights: damaged files
+    weights = "original/model.safetensors"
     cases += [
-        Case("weights truncated to half", _write_bytes("original/model.safetensors", lambda d: d[: len(d) // 2]), r"model\.safetensors"),
-        Case("weights last byte cut", _write_bytes("original/model.safetensors", lambda d: d[:-1]), r"model\.safetensors"),
-        Case("weights zero bytes", _write_bytes("original/model.safetensors", lambda d: b""), r"model\.safetensors"),
-        Case("weights header garbled", _write_bytes("original/model.safetensors", lambda d: d[:8] + b"{{{{" + d[12:]), r"model\.safetensors"),
-        Case("weights missing", _remove("original/model.safetensors"), r"No weights found"),
+        Case("weights truncated to half", _write_bytes(weights, lambda d: d[: len(d) // 2]), r"model\.safetensors"),
+        Case("weights last byte cut", _write_bytes(weights, lambda d: d[:-1]), r"model\.safetensors"),
+        Case("weights zero bytes", _write_bytes(weights, lambda d: b""), r"model\.safetensors"),
+        Case(
+            "weights header garbled",
+            _write_bytes(weights, lambda d: d[:8] + b"{{{{" + d[12:]),
+            r"model\.safetensors",
+        ),
+        Case("weights missing", _remove(weights), r"No weights found"),
     ]
     # shard indexes
     for corrupt, hint in (
@@ -464,8 +512,16 @@ def cases_for(family: Family) -> list[Case]:
         cases.append(Case(f"sharded: {corrupt}", _shard(corrupt), hint))
     # torch pickles in place of the weights
     cases += [
-        Case("pytorch_model.bin with a code payload", _malicious_bin("original/pytorch_model.bin", "original/model.safetensors"), r"pytorch_model\.bin"),
-        Case("pytorch_model.bin pickle bomb", _pickle_bomb("original/pytorch_model.bin", "original/model.safetensors"), r"pytorch_model\.bin"),
+        Case(
+            "pytorch_model.bin with a code payload",
+            _malicious_bin("original/pytorch_model.bin", weights),
+            r"pytorch_model\.bin",
+        ),
+        Case(
+            "pytorch_model.bin pickle bomb",
+            _pickle_bomb("original/pytorch_model.bin", weights),
+            r"pytorch_model\.bin",
+        ),
     ]
     # vision tower
     cases += [
@@ -482,7 +538,11 @@ def cases_for(family: Family) -> list[Case]:
             r"vision_tower/model\.safetensors",
             pretrain=True,
         ),
-        Case("vision tower preprocessor missing", _remove("vision_tower/preprocessor_config.json"), r"preprocessor_config\.json"),
+        Case(
+            "vision tower preprocessor missing",
+            _remove("vision_tower/preprocessor_config.json"),
+            r"preprocessor_config\.json",
+        ),
         Case("vision tower preprocessor without mean", _edit_preprocessor("image_mean"), r"image_mean"),
         Case("vision tower shallower than the layers used", _vision_tower_config(num_hidden_layers=4), None),
         Case("vision tower of another width", _vision_tower_config(hidden_size=48, intermediate_size=96), None),
@@ -490,31 +550,63 @@ def cases_for(family: Family) -> list[Case]:
     ]
     # tokenizer
     cases += [
-        Case("tokenizer.model missing", _remove("original/tokenizer.model", "original/tokenizer_config.json", "original/special_tokens_map.json"), r"tokenizer"),
-        Case("tokenizer.model corrupt", _write_bytes("original/tokenizer.model", lambda d: b"\x00garbage" * 10), r"tokenizer"),
+        Case(
+            "tokenizer.model missing",
+            _remove("original/tokenizer.model", "original/tokenizer_config.json", "original/special_tokens_map.json"),
+            r"tokenizer",
+        ),
+        Case(
+            "tokenizer.model corrupt",
+            _write_bytes("original/tokenizer.model", lambda d: b"\x00garbage" * 10),
+            r"tokenizer",
+        ),
     ]
     # the instruction encoder (IGVA)
     if "sentence_embedder" in family.extra_dirs:
         cases += [
             Case("sentence encoder modules.json missing", _remove("sentence_embedder/modules.json"), r"modules\.json"),
-            Case("sentence encoder with CLS pooling", _edit_json("sentence_embedder/1_Pooling/config.json", pooling_mode_mean_tokens=False, pooling_mode_cls_token=True), r"pooling"),
-            Case("sentence encoder weights truncated", _write_bytes("sentence_embedder/model.safetensors", lambda d: d[:-100]), r"sentence_embedder/model\.safetensors"),
-            Case("sentence encoder of another width", _edit_json("sentence_embedder/config.json", hidden_size=48, intermediate_size=96), None),
+            Case(
+                "sentence encoder with CLS pooling",
+                _edit_json(
+                    "sentence_embedder/1_Pooling/config.json",
+                    pooling_mode_mean_tokens=False,
+                    pooling_mode_cls_token=True,
+                ),
+                r"pooling",
+            ),
+            Case(
+                "sentence encoder weights truncated",
+                _write_bytes("sentence_embedder/model.safetensors", lambda d: d[:-100]),
+                r"sentence_embedder/model\.safetensors",
+            ),
+            Case(
+                "sentence encoder of another width",
+                _edit_json("sentence_embedder/config.json", hidden_size=48, intermediate_size=96),
+                None,
+            ),
         ]
     # pretrain stage: the .bin files
     first_bin = f"original_pretrain/{family.pretrain_files[0]}"
+    first_bin_hint = re.escape(family.pretrain_files[0])
     cases += [
-        Case("pretrain .bin with a code payload", _malicious_bin(first_bin), re.escape(family.pretrain_files[0]), pretrain=True),
-        Case("pretrain .bin raw pickle payload", _raw_pickle_bin(first_bin), re.escape(family.pretrain_files[0]), pretrain=True),
-        Case("pretrain .bin pickle bomb", _pickle_bomb(first_bin), re.escape(family.pretrain_files[0]), pretrain=True),
-        Case("pretrain .bin truncated", _write_bytes(first_bin, lambda d: d[: len(d) // 2]), re.escape(family.pretrain_files[0]), pretrain=True),
-        Case("pretrain .bin data byte flipped", _flip_data_byte(first_bin), re.escape(family.pretrain_files[0]), pretrain=True),
-        Case("pretrain .bin nested state dict", _nest_bin(first_bin), re.escape(family.pretrain_files[0]), pretrain=True),
+        Case("pretrain .bin with a code payload", _malicious_bin(first_bin), first_bin_hint, pretrain=True),
+        Case("pretrain .bin raw pickle payload", _raw_pickle_bin(first_bin), first_bin_hint, pretrain=True),
+        Case("pretrain .bin pickle bomb", _pickle_bomb(first_bin), first_bin_hint, pretrain=True),
+        Case(
+            "pretrain .bin truncated",
+            _write_bytes(first_bin, lambda d: d[: len(d) // 2]),
+            first_bin_hint,
+            pretrain=True,
+        ),
+        Case("pretrain .bin data byte flipped", _flip_data_byte(first_bin), first_bin_hint, pretrain=True),
+        Case("pretrain .bin nested state dict", _nest_bin(first_bin), first_bin_hint, pretrain=True),
         Case("pretrain .bin key renamed", _rename_bin_key(first_bin), r"renamed\.", pretrain=True),
         Case("pretrain config.json missing", _remove("original_pretrain/config.json"), r"config\.json", pretrain=True),
     ]
     for name in family.pretrain_files[1:]:
-        cases.append(Case(f"pretrain {name} missing", _remove(f"original_pretrain/{name}"), re.escape(name), pretrain=True))
+        cases.append(
+            Case(f"pretrain {name} missing", _remove(f"original_pretrain/{name}"), re.escape(name), pretrain=True)
+        )
     return cases
 
 
@@ -559,8 +651,12 @@ def test_converter_refuses_malformed_checkpoints_cleanly(name, tmp_path, capsys)
 
     baseline = run(family, Case("baseline", lambda work: None), tmp_path / "baseline", capsys)
     assert baseline.kind == "converted", f"the unmodified fixture does not convert: {baseline.message}"
-    baseline_pretrain = run(family, Case("baseline", lambda work: None, pretrain=True), tmp_path / "baseline_pretrain", capsys)
-    assert baseline_pretrain.kind == "converted", f"the unmodified pretrain fixture does not convert: {baseline_pretrain.message}"
+    baseline_pretrain = run(
+        family, Case("baseline", lambda work: None, pretrain=True), tmp_path / "baseline_pretrain", capsys
+    )
+    assert baseline_pretrain.kind == "converted", (
+        f"the unmodified pretrain fixture does not convert: {baseline_pretrain.message}"
+    )
 
     cases = cases_for(family)
     results: list[tuple[Case, Outcome]] = []
@@ -577,12 +673,15 @@ def test_converter_refuses_malformed_checkpoints_cleanly(name, tmp_path, capsys)
             if not outcome.message.startswith("error: ") or "Traceback" in outcome.message:
                 problems.append(f"{case.name}: unclear refusal {outcome.message!r}")
             elif case.hint is not None and not re.search(case.hint, outcome.message, flags=re.DOTALL):
-                problems.append(f"{case.name}: the message does not name the problem ({case.hint!r}): {outcome.message}")
+                problems.append(
+                    f"{case.name}: the message does not name the problem ({case.hint!r}): {outcome.message}"
+                )
 
     counts = Counter(outcome.kind for _, outcome in results)
     with capsys.disabled():
         print(
-            f"\n[fuzz] convert_{name}_to_hf: {len(results)} malformed inputs tried: {counts['refused']} refused cleanly, "
+            f"\n[fuzz] convert_{name}_to_hf: {len(results)} malformed inputs tried: "
+            f"{counts['refused']} refused cleanly, "
             f"{counts['converted']} converted (harmless mutations, --verify passed), {counts['crashed']} crashed; "
             f"{len(problems)} problem(s)."
         )

@@ -37,10 +37,19 @@ INVALID_CONFIGS = {
     "single layer too high": (dict(fusion_type="single", vision_feature_layer=5), r"\[5\], out of range .* \[-5, 4\]"),
     "single layer too low": (dict(fusion_type="single", vision_feature_layer=-6), r"\[-6\], out of range"),
     "concat layer out of range": (dict(fusion_type="concat", vision_feature_layer=[1, 9]), r"\[9\], out of range"),
-    "concat group out of range": (dict(fusion_type="concat", vision_feature_layer=[1, [2, 7]]), r"\[7\], out of range"),
-    "mmfuser query out of range": (dict(fusion_type="mmfuser", vision_feature_layer=[1, 2, 24]), r"\[24\], out of range"),
+    "concat group out of range": (
+        dict(fusion_type="concat", vision_feature_layer=[1, [2, 7]]),
+        r"\[7\], out of range",
+    ),
+    "mmfuser query out of range": (
+        dict(fusion_type="mmfuser", vision_feature_layer=[1, 2, 24]),
+        r"\[24\], out of range",
+    ),
     "igva base layer out of range": (dict(fusion_type="igva", vision_feature_layer=8), r"\[8\], out of range"),
-    "igva group out of range": (dict(fusion_type="igva", igva_layer_groups=[[1, 2], [3, 30]]), r"igva_layer_groups.*\[30\]"),
+    "igva group out of range": (
+        dict(fusion_type="igva", igva_layer_groups=[[1, 2], [3, 30]]),
+        r"igva_layer_groups.*\[30\]",
+    ),
     "internal feature out of range": (
         dict(internal_fusion_type="add", internal_feature_layers=[1, 12]),
         r"internal_feature_layers.*\[12\], out of range",
@@ -51,7 +60,10 @@ INVALID_CONFIGS = {
     "concat with an int": (dict(fusion_type="concat", vision_feature_layer=2), r"must be a non-empty list"),
     "concat empty": (dict(fusion_type="concat", vision_feature_layer=[]), r"must be a non-empty list"),
     "concat empty group": (dict(fusion_type="concat", vision_feature_layer=[1, []]), r"empty or non-list group"),
-    "concat repeating group": (dict(fusion_type="concat", vision_feature_layer=[1, [2, 2]]), r"repeats an index: \[2, 2\]"),
+    "concat repeating group": (
+        dict(fusion_type="concat", vision_feature_layer=[1, [2, 2]]),
+        r"repeats an index: \[2, 2\]",
+    ),
     "concat group naming a layer twice": (
         dict(fusion_type="concat", vision_feature_layer=[1, [4, -1]]),
         r"names the same hidden state twice: \[4, -1\] \(as non-negative indices \[4, 4\]",
@@ -63,7 +75,10 @@ INVALID_CONFIGS = {
     "igva no groups": (dict(fusion_type="igva", igva_layer_groups=None), r"needs `igva_layer_groups`"),
     "igva empty groups": (dict(fusion_type="igva", igva_layer_groups=[]), r"needs `igva_layer_groups`"),
     "igva empty group": (dict(fusion_type="igva", igva_layer_groups=[[1, 2], []]), r"empty or non-list group"),
-    "igva repeating group": (dict(fusion_type="igva", igva_layer_groups=[[1, 1], [3, 4]]), r"repeats an index: \[1, 1\]"),
+    "igva repeating group": (
+        dict(fusion_type="igva", igva_layer_groups=[[1, 1], [3, 4]]),
+        r"repeats an index: \[1, 1\]",
+    ),
     "igva group naming a layer twice": (
         dict(fusion_type="igva", igva_layer_groups=[[1, 2], [0, -5]]),
         r"names the same hidden state twice: \[0, -5\]",
@@ -85,10 +100,19 @@ INVALID_CONFIGS = {
     ),
     "unknown select strategy": (dict(vision_feature_select_strategy="cls"), r"vision_feature_select_strategy.*cls"),
     # widths not divisible by heads
-    "mmfuser heads": (dict(fusion_type="mmfuser", mmfuser_num_heads=5), r"\(32\) must be divisible by `mmfuser_num_heads` \(5\)"),
-    "mmfuser zero heads": (dict(fusion_type="mmfuser", mmfuser_num_heads=0), r"must be divisible by `mmfuser_num_heads` \(0\)"),
+    "mmfuser heads": (
+        dict(fusion_type="mmfuser", mmfuser_num_heads=5),
+        r"\(32\) must be divisible by `mmfuser_num_heads` \(5\)",
+    ),
+    "mmfuser zero heads": (
+        dict(fusion_type="mmfuser", mmfuser_num_heads=0),
+        r"must be divisible by `mmfuser_num_heads` \(0\)",
+    ),
     "mmfuser zero points": (dict(fusion_type="mmfuser", mmfuser_num_points=0), r"`mmfuser_num_points` must be >= 1"),
-    "igva heads": (dict(fusion_type="igva", igva_hidden_size=18, igva_num_heads=4), r"`igva_hidden_size` \(18\) must be divisible"),
+    "igva heads": (
+        dict(fusion_type="igva", igva_hidden_size=18, igva_num_heads=4),
+        r"`igva_hidden_size` \(18\) must be divisible",
+    ),
     "cross-attention heads": (
         # LlamaConfig refuses it itself, before our validators see it
         dict(
@@ -147,7 +171,8 @@ def test_valid_edge_configs_are_accepted():
 def test_invalid_config_is_refused_when_loaded(tmp_path):
     config = make_config("concat")
     config.save_pretrained(tmp_path)
-    text = (tmp_path / "config.json").read_text().replace('"vision_feature_layer": [\n    -3,', '"vision_feature_layer": [\n    -30,')
+    text = (tmp_path / "config.json").read_text()
+    text = text.replace('"vision_feature_layer": [\n    -3,', '"vision_feature_layer": [\n    -30,')
     (tmp_path / "config.json").write_text(text)
     from llava_multilayer import LlavaMultiLayerConfig
 
@@ -285,7 +310,8 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits(processor, kind):
     if kind == "numpy uint16 HWC":
         image, expected_8 = rgb, _scaled_to_8_bit(rgb)
     elif kind == "torch uint16 CHW":
-        image, expected_8 = torch.from_numpy(rgb.astype(np.int32)).to(torch.uint16).permute(2, 0, 1), _scaled_to_8_bit(rgb)
+        image = torch.from_numpy(rgb.astype(np.int32)).to(torch.uint16).permute(2, 0, 1)
+        expected_8 = _scaled_to_8_bit(rgb)
     else:
         expected_8 = np.repeat(_scaled_to_8_bit(gray)[..., None], 3, axis=-1)
     assert torch.equal(_pixels(processor, image), _pixels(processor, Image.fromarray(expected_8)))
@@ -342,13 +368,19 @@ def single():
 @pytest.mark.parametrize(
     "pixel_values, message",
     [
-        (torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE), r"must have shape \(num_images, 3, 28, 28\) .* got \(2, 1, 28, 28\)"),
+        (
+            torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE),
+            r"must have shape \(num_images, 3, 28, 28\) .* got \(2, 1, 28, 28\)",
+        ),
         (torch.randn(2, 4, IMAGE_SIZE, IMAGE_SIZE), r"got \(2, 4, 28, 28\)"),
         (torch.randn(2, 3, 56, 56), r"got \(2, 3, 56, 56\)"),
         (torch.randn(2, 3, IMAGE_SIZE, 27), r"got \(2, 3, 28, 27\)"),
         (torch.randn(3, IMAGE_SIZE, IMAGE_SIZE), r"got \(3, 28, 28\)"),
         (torch.randn(2, IMAGE_SIZE, IMAGE_SIZE, 3), r"got \(2, 28, 28, 3\)"),
-        (torch.randint(0, 255, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8), r"floating-point values, got dtype torch.uint8"),
+        (
+            torch.randint(0, 255, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8),
+            r"floating-point values, got dtype torch.uint8",
+        ),
     ],
     ids=["one channel", "four channels", "too large", "not square", "no batch dim", "channels last", "raw uint8"],
 )

@@ -36,7 +36,9 @@ TEXT_HIDDEN = 32
 # --------------------------------------------------------------------------------------------------------------
 
 # Pieces that, glued without separators, can form a placeholder by accident ("<" + "image>") or look like one.
-WORDS = ["What", "is", "this", "?", "USER:", "ASSISTANT:", "\n", "the", "cat", "<", "image", ">", "<im", "age>", "é", "日本"]
+WORDS = [
+    "What", "is", "this", "?", "USER:", "ASSISTANT:", "\n", "the", "cat", "<", "image", ">", "<im", "age>", "é", "日本"
+]
 PIECES = st.sampled_from(WORDS + [IMAGE_TOKEN] * 4)
 PROMPTS = st.lists(PIECES, min_size=1, max_size=12).flatmap(
     lambda pieces: st.lists(st.sampled_from(["", " ", "\n"]), min_size=len(pieces), max_size=len(pieces)).map(
@@ -193,7 +195,9 @@ def test_igva_shapes_and_weights_for_any_groups(groups, base, by_average, num_im
     )
     kwargs = {}
     if not by_average:
-        kwargs["instruction_input_ids"] = torch.randint(5, 100, (num_images, 7), generator=torch.Generator().manual_seed(1))
+        kwargs["instruction_input_ids"] = torch.randint(
+            5, 100, (num_images, 7), generator=torch.Generator().manual_seed(1)
+        )
     output = _features(model, num_images, **kwargs)
     assert output.image_features.shape == (num_images, NUM_PATCHES, TEXT_HIDDEN)
     assert output.fusion_weights.shape == (num_images, len(groups))
@@ -225,7 +229,8 @@ def test_internal_fusion_shapes_for_any_feature_layers_and_maps(selection, fusio
     output = _features(model, num_images)
     assert len(output.internal_image_features) == len(features)
     assert all(f.shape == (num_images, NUM_PATCHES, TEXT_HIDDEN) for f in output.internal_image_features)
-    assert sorted(layer.layer_idx for layer in model.model.internal_fusion_layers) == sorted(l for l, _ in layer_map)
+    fused_layers = sorted(layer.layer_idx for layer in model.model.internal_fusion_layers)
+    assert fused_layers == sorted(decoder_layer for decoder_layer, _ in layer_map)
     row = [1, 5] + [IMAGE_TOKEN_ID] * (NUM_PATCHES * num_images) + [6, 7]
     pixel_values = torch.randn(num_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -65,7 +65,11 @@ PRESERVING = {
     "mmfuser": dict(fusion_type="mmfuser", vision_feature_layer=[1, 2, -2], mmfuser_num_heads=4, mmfuser_num_points=2),
     "igva_average": dict(fusion_type="igva", igva_layer_groups=[[1, 2], [3, 4]], igva_aggregate_by_average=True),
     "igva": dict(
-        fusion_type="igva", igva_layer_groups=[[1, 2], [3, 4]], igva_num_blocks=2, igva_num_heads=4, igva_hidden_size=16
+        fusion_type="igva",
+        igva_layer_groups=[[1, 2], [3, 4]],
+        igva_num_blocks=2,
+        igva_num_heads=4,
+        igva_hidden_size=16,
     ),
     "internal_add": dict(
         internal_fusion_type="add", internal_feature_layers=[1, 2], internal_layer_map=[[0, 0], [1, 1]]
