@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from transformers import LlavaConfig
 
 from llava_multilayer.configuration import presets
 
@@ -244,3 +245,26 @@ def vision_config(base: dict, quick: bool) -> dict:
 def text_config(num_hidden_layers: int, quick: bool) -> dict:
     config = {**VICUNA_7B, "num_hidden_layers": num_hidden_layers}
     return {**config, **QUICK_TEXT} if quick else config
+
+
+def llava_config(vision_config: dict, text_config: dict, **overrides) -> LlavaConfig:
+    """The baseline: transformers' LLaVA-1.5 config (features of layer -2, CLS dropped) on these sub-configs."""
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **overrides,
+    )
+
+
+def run_settings(args: argparse.Namespace, dtype: torch.dtype, **settings) -> dict:
+    """The settings every benchmark's results record (dtype, repeats, warmup, quick), then its own `settings`."""
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        **settings,
+    }

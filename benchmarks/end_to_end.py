@@ -120,19 +120,32 @@ def attn_implementation(config, attn: str) -> dict:
     return choice
 
 
-def build_models(args, device, dtype):
-    vision_config = _common.vision_config(_common.CLIP_L_336, args.quick)
-    if getattr(args, "image_size", None):
-        vision_config["image_size"] = args.image_size
-    text_config = _common.text_config(args.llm_layers, args.quick)
+def build_configs(
+    fusion_types: list[str], llm_layers: int, quick: bool = False, image_size: int | None = None
+) -> tuple[LlavaConfig, dict[str, LlavaMultiLayerConfig]]:
+    """The Llava config and one `LlavaMultiLayerConfig` per fusion type, 7B-shaped unless `quick`."""
+    vision_config = _common.vision_config(_common.CLIP_L_336, quick)
+    if image_size:
+        vision_config["image_size"] = image_size
+    text_config = _common.text_config(llm_layers, quick)
     num_image_tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2  # CLIP patches, CLS dropped
-    llava_config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=_common.IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=num_image_tokens,
+    llava = _common.llava_config(vision_config, text_config, image_seq_length=num_image_tokens)
+    ours = {
+        name: LlavaMultiLayerConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            image_token_id=_common.IMAGE_TOKEN_ID,
+            image_seq_length=num_image_tokens,
+            **fusion_settings(name, llm_layers, quick),
+        )
+        for name in fusion_types
+    }
+    return llava, ours
+
+
+def build_models(args, device, dtype):
+    llava_config, configs = build_configs(
+        args.fusion_types, args.llm_layers, args.quick, getattr(args, "image_size", None)
     )
     with torch.device(device):
         llava = LlavaForConditionalGeneration._from_config(
@@ -141,14 +154,7 @@ def build_models(args, device, dtype):
     llava.eval()
     shared = llava.state_dict()
     models = {}
-    for name in args.fusion_types:
-        config = LlavaMultiLayerConfig(
-            vision_config=vision_config,
-            text_config=text_config,
-            image_token_id=_common.IMAGE_TOKEN_ID,
-            image_seq_length=num_image_tokens,
-            **fusion_settings(name, args.llm_layers, args.quick),
-        )
+    for name, config in configs.items():
         with torch.device(device):
             model = LlavaMultiLayerForConditionalGeneration._from_config(
                 config, dtype=dtype, attn_implementation=attn_implementation(config, args.attn)
@@ -319,11 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "benchmark": "end_to_end",
         "machine": machine,
-        "settings": {
-            "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats, "warmup": args.warmup,
-            "quick": args.quick, "llm_layers": args.llm_layers, "prompt_tokens": args.prompt_tokens,
-            "image_tokens": num_image_tokens, "new_tokens": args.new_tokens, "attn_implementation": args.attn,
-        },
+        "settings": _common.run_settings(
+            args, dtype, llm_layers=args.llm_layers, prompt_tokens=args.prompt_tokens, image_tokens=num_image_tokens,
+            new_tokens=args.new_tokens, attn_implementation=args.attn,
+        ),
         "checks": checks,
         "results": rows,
         "targets": targets,

@@ -43,7 +43,7 @@ from types import MethodType
 
 import torch
 from torch import nn
-from transformers import AutoModel, LlavaConfig, LlavaModel
+from transformers import AutoModel, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -164,13 +164,7 @@ class CachedVisionTower(nn.Module):
 
 def llava_image_model(vision_config: dict, text_config: dict, tower: nn.Module, device, dtype) -> LlavaModel:
     """transformers' LlavaModel with `tower` and a real projector; its language model stays on the meta device."""
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=_common.IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    config = _common.llava_config(vision_config, text_config)
     with torch.device("meta"):
         model = LlavaModel(config)
     model.vision_tower = tower
@@ -393,10 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "benchmark": "fusion_overhead",
         "machine": machine,
-        "settings": {
-            "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats, "warmup": args.warmup,
-            "quick": args.quick, "batch": args.batch, "direct": args.direct, "use_kernels": args.use_kernels,
-        },
+        "settings": _common.run_settings(
+            args, dtype, batch=args.batch, direct=args.direct, use_kernels=args.use_kernels
+        ),
         "towers": towers,
         "results": rows,
         "targets": targets,

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProcessorList
+from transformers import LlavaForConditionalGeneration, LogitsProcessorList
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,32 +56,6 @@ from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerForConditiona
 
 MODES = ("bf16", "8bit", "4bit")
 LLAVA_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-
-
-def build_configs(fusion_types: list[str], llm_layers: int, quick: bool = False):
-    """The Llava config and one `LlavaMultiLayerConfig` per fusion type, 7B-shaped unless `quick`."""
-    vision_config = _common.vision_config(_common.CLIP_L_336, quick)
-    text_config = _common.text_config(llm_layers, quick)
-    num_image_tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2
-    llava = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=_common.IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=num_image_tokens,
-    )
-    ours = {
-        name: LlavaMultiLayerConfig(
-            vision_config=vision_config,
-            text_config=text_config,
-            image_token_id=_common.IMAGE_TOKEN_ID,
-            image_seq_length=num_image_tokens,
-            **end_to_end.fusion_settings(name, llm_layers, quick),
-        )
-        for name in fusion_types
-    }
-    return llava, ours
 
 
 def split_no_split_modules(model: nn.Module, device_map: dict[str, str | int]) -> list[str]:
@@ -208,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("this benchmark runs bf16 (and bf16-compute 4-bit) inference: --dtype bfloat16.")
     machine = _common.machine_info(device)
     max_memory = parse_max_memory(args.max_memory)
-    llava_config, configs = build_configs(args.fusion_types, args.llm_layers, args.quick)
+    llava_config, configs = end_to_end.build_configs(args.fusion_types, args.llm_layers, args.quick)
 
     # Placement checks on the meta device: the real placement, and one squeezed onto several devices.
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory

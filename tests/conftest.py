@@ -87,41 +87,28 @@ def vicuna_prompt(question: str, num_images: int = 1) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: The widths of every tiny sub-model: hidden 32, MLP 64, 4 heads.
+TINY_WIDTHS = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+#: The geometry of both tiny vision towers: 4 layers, 28x28 images in 7x7 patches (a 4x4 grid).
+TINY_TOWER = dict(TINY_WIDTHS, num_hidden_layers=VISION_LAYERS, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+
+
 def tiny_vision_config(**overrides) -> CLIPVisionConfig:
     """A 4-layer CLIP vision tower: hidden 32, 4 heads, 28x28 images, 7x7 patches (4x4 grid + CLS)."""
-    settings = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=32,
-    )
-    return CLIPVisionConfig(**{**settings, **overrides})
+    return CLIPVisionConfig(**{**TINY_TOWER, "projection_dim": 32, **overrides})
 
 
 def tiny_siglip_vision_config(**overrides) -> SiglipVisionConfig:
     """A 4-layer SigLIP vision tower with the same geometry as `tiny_vision_config` (no CLS token)."""
-    settings = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    return SiglipVisionConfig(**{**settings, **overrides})
+    return SiglipVisionConfig(**{**TINY_TOWER, **overrides})
 
 
 def tiny_text_config(**overrides) -> LlamaConfig:
     """A 2-layer LLaMA: hidden 32, 4 heads, the fixture tokenizer's 512-token vocabulary."""
     settings = dict(
+        TINY_WIDTHS,
         vocab_size=TEXT_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
         bos_token_id=1,
@@ -134,11 +121,9 @@ def tiny_text_config(**overrides) -> LlamaConfig:
 def tiny_instruction_encoder_config(**overrides) -> MPNetConfig:
     """A 2-layer mpnet sentence encoder matching the IGVA fixture's WordPiece tokenizer (101 tokens), no dropout."""
     settings = dict(
+        TINY_WIDTHS,
         vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=130,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,

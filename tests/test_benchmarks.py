@@ -164,7 +164,8 @@ def test_gpu_inference_device_map_never_splits_a_fuser():
 
     from llava_multilayer import LlavaMultiLayerForConditionalGeneration
 
-    _, configs = gpu_inference.build_configs(["mmfuser", "igva", "I_M"], llm_layers=4, quick=True)
+    end_to_end = load_benchmark("end_to_end")
+    _, configs = end_to_end.build_configs(["mmfuser", "igva", "I_M"], llm_layers=4, quick=True)
     for name, config in configs.items():
         with init_empty_weights():
             total = compute_module_sizes(LlavaMultiLayerForConditionalGeneration(config), dtype=torch.bfloat16)[""]
@@ -181,7 +182,7 @@ def test_gpu_inference_split_check_detects_a_split_fuser():
 
     from llava_multilayer import LlavaMultiLayerForConditionalGeneration
 
-    _, configs = gpu_inference.build_configs(["mmfuser"], llm_layers=2, quick=True)
+    _, configs = load_benchmark("end_to_end").build_configs(["mmfuser"], llm_layers=2, quick=True)
     with init_empty_weights():
         model = LlavaMultiLayerForConditionalGeneration(configs["mmfuser"])
     device_map = {"model.multi_modal_projector.fuser": 0, "model.multi_modal_projector.linear_1": 1, "": "cpu"}

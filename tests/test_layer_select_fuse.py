@@ -271,26 +271,13 @@ def _tiny_original(strategy: str, selection: str, encoder: str, num_layers: int)
     """An original config.json (tiny LLaMA) and tower config for a combination."""
     original = json.loads((fixture_dir(FIXTURES[0]) / "original" / "config.json").read_text())
     original.update(layer_fusing_strategy=strategy, layer_using_strategy=selection, num_hidden_layers=num_layers)
+    geometry = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=42, patch_size=7)
     if encoder == "siglip":
         original["mm_vision_tower"] = "google/siglip-so400m-patch14-384"
         original["mm_hidden_size"] = 1152  # what the original always writes for SigLIP (a default config)
-        tower = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=27,
-            num_attention_heads=4,
-            image_size=42,
-            patch_size=7,
-        )
+        tower = SiglipVisionConfig(num_hidden_layers=27, **geometry)
     else:
-        tower = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=24,
-            num_attention_heads=4,
-            image_size=42,
-            patch_size=7,
-        )
+        tower = CLIPVisionConfig(num_hidden_layers=24, **geometry)
     return original, tower
 
 
@@ -382,14 +369,8 @@ def test_real_size_fusion_keys_match_the_original_classes(strategy, selection, n
     original, _ = _tiny_original(strategy, selection, "clip", 24)
     original.update(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
                     vocab_size=32000, mm_hidden_size=1024)  # fmt: skip
-    tower = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-    )
+    tower = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             image_size=336, patch_size=14)  # fmt: skip
     config, _ = build_config(original, tower, image_token_id=32000)
     assert config.image_seq_length == 576
     keys = _original_fusion_keys(strategy, selection, config)
