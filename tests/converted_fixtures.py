@@ -1,5 +1,5 @@
-"""Shared by tests/test_cli.py and tests/test_hub.py: the golden fixtures converted once per test session with
-`llava-multilayer convert`, and a local stand-in of the Hugging Face Hub HTTP API.
+"""Shared by tests/test_cli.py, tests/test_hub.py and tests/test_cross_version.py: the golden fixtures converted once
+per test session with `llava-multilayer convert`, their inputs, and a local stand-in of the Hugging Face Hub HTTP API.
 
 Conversions are cached in this module (not in a pytest fixture) so that both test modules share them; they run
 in-process through `llava_multilayer.commands.cli.main`, with the overrides each fixture needs (`--vision-tower`,
@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from PIL import Image
 
 
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
@@ -100,6 +102,27 @@ def converted_dir(name: str) -> Path:
         assert status == 0, f"conversion of {name} failed ({status}):\n{stderr.getvalue()}"
         _converted[name] = output_dir
     return _converted[name]
+
+
+def fixture_inputs(name: str, suffix: str = "") -> tuple[Image.Image, str, str | None]:
+    """Image, prompt and (IGVA) instruction of a golden fixture's prompt `suffix` ("" or "_2")."""
+    prompts = json.loads((FIXTURES_DIR / name / "prompt.json").read_text())
+    image = Image.open(FIXTURES_DIR / name / "image.png").convert("RGB")
+    return image, prompts["prompt" + suffix], prompts.get("instruction" + suffix)
+
+
+def child_job(name: str, output: Path, **settings) -> dict:
+    """What a child process needs to run fixture `name`'s converted model on its inputs and write to `output`."""
+    _, prompt, instruction = fixture_inputs(name)
+    return {
+        "name": name,
+        "dir": str(converted_dir(name)),
+        "image": str(FIXTURES_DIR / name / "image.png"),
+        "prompt": prompt,
+        "instruction": instruction,
+        **settings,
+        "output": str(output),
+    }
 
 
 def conversion_log(name: str) -> str:

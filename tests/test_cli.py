@@ -42,7 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Runs `llava-multilayer ARGV` in-process; returns (exit code, stdout, stderr)."""
+    """Runs `llava-multilayer ARGV` in-process; returns (exit code, stdout, stderr) of that run alone."""
+    capsys.readouterr()  # what came before, e.g. the conversion that `converted_dir` ran while building ARGV
     try:
         status = main(argv)
     except SystemExit as exit_:
@@ -271,25 +272,18 @@ def test_inspect_pretrain_stage_directory(capsys):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def generate_argv(name: str, prompt: str, *options: str) -> list[str]:
+    """`llava-multilayer generate` on fixture `name`'s converted model and image, with `prompt` and `options`."""
+    image = FIXTURES_DIR / name / "image.png"
+    return ["generate", str(converted_dir(name)), "--image", str(image), "--prompt", prompt, *options]
+
+
 @pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
 def test_generate_reproduces_original_greedy_answer(stream, capsys):
     name = "mmfuser-clip"
     question = json.loads((FIXTURES_DIR / name / "prompt.json").read_text())["question"]
     status, out, _ = run_cli(
-        [
-            "generate",
-            str(converted_dir(name)),
-            "--image",
-            str(FIXTURES_DIR / name / "image.png"),
-            "--prompt",
-            question,
-            "--max-new-tokens",
-            "8",
-            "--device",
-            "cpu",
-            stream,
-        ],
-        capsys,
+        generate_argv(name, question, "--max-new-tokens", "8", "--device", "cpu", stream), capsys
     )
     assert status == 0
     assert out.strip() == expected_answer(name)
@@ -299,18 +293,7 @@ def test_generate_igva_with_instruction(capsys):
     name = "igva-clip"
     prompts = json.loads((FIXTURES_DIR / name / "prompt.json").read_text())
     status, out, _ = run_cli(
-        [
-            "generate",
-            str(converted_dir(name)),
-            "--image",
-            str(FIXTURES_DIR / name / "image.png"),
-            "--prompt",
-            prompts["question"],
-            "--instruction",
-            prompts["instruction"],
-            "--max-new-tokens",
-            "8",
-        ],
+        generate_argv(name, prompts["question"], "--instruction", prompts["instruction"], "--max-new-tokens", "8"),
         capsys,
     )
     assert status == 0
@@ -325,22 +308,10 @@ def test_generate_instruction_needs_an_igva_model(capsys):
 
 
 def test_generate_sampling_is_reproducible_with_a_seed(capsys):
-    argv = [
-        "generate",
-        str(converted_dir("mmfuser-clip")),
-        "--image",
-        str(FIXTURES_DIR / "mmfuser-clip" / "image.png"),
-        "--prompt",
-        "Describe it.",
-        "--max-new-tokens",
-        "12",
-        "--do-sample",
-        "--temperature",
-        "1.5",
-        "--top-p",
-        "0.95",
-        "--no-stream",
-    ]
+    argv = generate_argv(
+        "mmfuser-clip", "Describe it.",
+        "--max-new-tokens", "12", "--do-sample", "--temperature", "1.5", "--top-p", "0.95", "--no-stream",
+    )  # fmt: skip
     answers = [run_cli(argv + ["--seed", str(seed)], capsys)[1] for seed in (0, 0, 1)]
     assert answers[0] == answers[1]
     assert answers[0] != answers[2] or answers[0] != expected_answer("mmfuser-clip")

@@ -13,8 +13,7 @@ import textwrap
 import pytest
 import torch
 import transformers
-from converted_fixtures import FIXTURES_DIR, HIDE_PACKAGE_SOURCE, LOGITS_ATOL, converted_dir
-from PIL import Image
+from converted_fixtures import FIXTURES_DIR, HIDE_PACKAGE_SOURCE, LOGITS_ATOL, child_job, fixture_inputs
 from safetensors.torch import load_file
 
 
@@ -58,29 +57,11 @@ CHILD_SCRIPT = HIDE_PACKAGE_SOURCE + textwrap.dedent(
 )
 
 
-def _fixture_inputs(name: str) -> tuple[Image.Image, str, str | None]:
-    prompts = json.loads((FIXTURES_DIR / name / "prompt.json").read_text())
-    return Image.open(FIXTURES_DIR / name / "image.png").convert("RGB"), prompts["prompt"], prompts.get("instruction")
-
-
 @pytest.fixture(scope="module")
 def other_release(tmp_path_factory):
     """Runs the other environment once on every converted fixture; returns (report, jobs)."""
     root = tmp_path_factory.mktemp("cross_version")
-    jobs = []
-    for name in FIXTURES:
-        _, prompt, instruction = _fixture_inputs(name)
-        jobs.append(
-            {
-                "name": name,
-                "dir": str(converted_dir(name)),
-                "image": str(FIXTURES_DIR / name / "image.png"),
-                "prompt": prompt,
-                "instruction": instruction,
-                "new_tokens": NEW_TOKENS,
-                "output": str(root / f"{name}.safetensors"),
-            }
-        )
+    jobs = [child_job(name, root / f"{name}.safetensors", new_tokens=NEW_TOKENS) for name in FIXTURES]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf_home"), OMP_NUM_THREADS="1")
     result = subprocess.run(
@@ -106,7 +87,7 @@ def test_checkpoint_reproduces_logits_and_tokens_under_the_other_release(other_r
     _, jobs = other_release
     model = AutoModelForImageTextToText.from_pretrained(jobs[name]["dir"], dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(jobs[name]["dir"])
-    image, prompt, instruction = _fixture_inputs(name)
+    image, prompt, instruction = fixture_inputs(name)
     extra = {"instructions": [instruction]} if instruction else {}
     inputs = processor(images=image, text=prompt, return_tensors="pt", **extra)
     with torch.no_grad():

@@ -24,11 +24,12 @@ from converted_fixtures import (
     HIDE_PACKAGE_SOURCE,
     LOGITS_ATOL,
     LocalHub,
+    child_job,
     convert_argv,
     converted_dir,
+    fixture_inputs,
 )
 from huggingface_hub import ModelCard
-from PIL import Image
 from safetensors.torch import load_file
 
 import llava_multilayer
@@ -57,13 +58,6 @@ INSTRUCTION_TOKENIZER_FILES = {"instruction_tokenizer/tokenizer.json", "instruct
 def remote_code_files() -> set[str]:
     """The package modules a converted checkpoint carries as remote code."""
     return {path.name for path in MODELING_DIR.glob("*_llava_multilayer.py")}
-
-
-def fixture_inputs(name: str, suffix: str = "") -> tuple[Image.Image, str, str | None]:
-    """Image, prompt and (IGVA) instruction of a golden fixture's prompt `suffix` ("" or "_2")."""
-    prompts = json.loads((FIXTURES_DIR / name / "prompt.json").read_text())
-    image = Image.open(FIXTURES_DIR / name / "image.png").convert("RGB")
-    return image, prompts["prompt" + suffix], prompts.get("instruction" + suffix)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,19 +287,7 @@ def test_remote_code_reproduces_in_package_logits(tmp_path):
     fresh HF_HOME) and gives exactly the logits of the in-package load (which match the original implementation)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    jobs = []
-    for name in sorted(FIXTURE_FAMILIES):
-        image, prompt, instruction = fixture_inputs(name)
-        jobs.append(
-            {
-                "name": name,
-                "dir": str(converted_dir(name)),
-                "image": str(FIXTURES_DIR / name / "image.png"),
-                "prompt": prompt,
-                "instruction": instruction,
-                "output": str(tmp_path / f"{name}.safetensors"),
-            }
-        )
+    jobs = [child_job(name, tmp_path / f"{name}.safetensors") for name in sorted(FIXTURE_FAMILIES)]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON"))}
     threads = str(torch.get_num_threads())
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS=threads)

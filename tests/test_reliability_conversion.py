@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,11 @@ def convert(tiny, source_dir: Path, output_dir: Path, mapping=lambda key: key, *
     )
 
 
+def known_keys(state: dict) -> Callable[[str], str | None]:
+    """The identity key mapping for the keys of `state`; any other key has no target."""
+    return lambda key: key if key in state else None
+
+
 def leftovers(parent: Path) -> list[str]:
     """Staging / backup directories a conversion may have left in `parent`."""
     return sorted(path.name for path in parent.iterdir() if path.name.startswith("."))
@@ -127,10 +133,8 @@ def test_round_trip_is_exact_and_verified(tiny, tmp_path):
 def test_unknown_source_key_is_an_error(tiny, tmp_path):
     _, _, state = tiny
     source = write_single(tmp_path / "source", {**state, "model.surprise.weight": torch.zeros(2)})
-    mapping = lambda key: key if key in state else None  # noqa: E731
-    assert_failed_cleanly(
-        tiny, source, tmp_path / "out", r"1 source tensor\(s\) have no known target: model\.surprise", mapping=mapping
-    )
+    match = r"1 source tensor\(s\) have no known target: model\.surprise"
+    assert_failed_cleanly(tiny, source, tmp_path / "out", match, mapping=known_keys(state))
 
 
 def test_dropped_keys_are_listed_in_the_report_and_card(tiny, tmp_path):
@@ -157,10 +161,8 @@ def test_renamed_key_is_an_error(tiny, tmp_path):
     _, _, state = tiny
     renamed = {("model.mm_projector.0.weight" if k == PROJECTOR_WEIGHT else k): v for k, v in state.items()}
     source = write_single(tmp_path / "source", renamed)
-    mapping = lambda key: key if key in state else None  # noqa: E731
-    assert_failed_cleanly(
-        tiny, source, tmp_path / "out", r"no known target: model\.mm_projector\.0\.weight", mapping=mapping
-    )
+    match = r"no known target: model\.mm_projector\.0\.weight"
+    assert_failed_cleanly(tiny, source, tmp_path / "out", match, mapping=known_keys(state))
 
 
 def test_target_the_model_lacks_is_an_error(tiny, tmp_path):

@@ -76,6 +76,15 @@ def fixture_records(name: str, stage: str) -> list[dict]:
     return json.loads((FIXTURES_DIR / name / "data" / RECORDS[stage]).read_text())
 
 
+def load_stage(directory, name: str, stage: str):
+    """The converted model of fixture `name`, its processor, the `stage` recipe and its dataset of the fixture's
+    records: `(model, processor, recipe, dataset)`."""
+    model, processor = load(directory)
+    recipe = load_recipe(stage, model, model_max_length=320)
+    dataset = recipe.dataset(fixture_records(name, stage), processor, image_folder=FIXTURES_DIR / name / "data/images")
+    return model, processor, recipe, dataset
+
+
 def original_effective(ids, labels, mask, num_image_tokens: int, max_length: int):
     """What the original model trains on for one batch row: masked positions removed, the image expanded, truncated
     to `max_length` (returned with the placeholder collapsed again): `(ids, labels)`."""
@@ -87,10 +96,8 @@ def original_effective(ids, labels, mask, num_image_tokens: int, max_length: int
 @pytest.mark.parametrize("name", FIXTURES)
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_tokens_labels_and_pixels_per_record(converted, name, stage):
-    model, processor = load(converted[name])
+    model, processor, recipe, dataset = load_stage(converted[name], name, stage)
     expected = load_file(FIXTURES_DIR / name / "expected_data.safetensors")
-    recipe = load_recipe(stage, model, model_max_length=320)
-    dataset = recipe.dataset(fixture_records(name, stage), processor, image_folder=FIXTURES_DIR / name / "data/images")
     for index in range(len(dataset)):
         item = dataset[index]
         ids = collapse_image_tokens(item["input_ids"], processor.image_token_id)
@@ -112,10 +119,8 @@ def test_tokens_labels_and_pixels_per_record(converted, name, stage):
 @pytest.mark.parametrize("name", FIXTURES)
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_batch_equals_what_the_original_model_trains_on(converted, name, stage):
-    model, processor = load(converted[name])
+    model, processor, recipe, dataset = load_stage(converted[name], name, stage)
     expected = load_file(FIXTURES_DIR / name / "expected_data.safetensors")
-    recipe = load_recipe(stage, model, model_max_length=320)
-    dataset = recipe.dataset(fixture_records(name, stage), processor, image_folder=FIXTURES_DIR / name / "data/images")
     batch = recipe.collate([dataset[i] for i in range(len(dataset))])
     num_tokens = model.config.image_seq_length
     assert batch["input_ids"].shape[1] <= 320
