@@ -682,22 +682,20 @@ def test_converter_refuses_what_the_original_cannot_produce(name, changes, messa
     assert not (tmp_path / "out").exists()
 
 
-def test_wrong_tower_is_refused(tmp_path):
-    with pytest.raises(ConversionError, match="names a CLIP tower"):
+@pytest.mark.parametrize(
+    "fixture, input_dir, tower_fixture, message",
+    [
+        ("lsf-E_D-clip-3-18-23", "original", "lsf-E_D-siglip-3-18-23", "names a CLIP tower"),
+        ("lsf-I_D-clip-3-18-23", "original_pretrain", "lsf-I_D-clip-3-18-23", "pass it as --pretrain-dir"),
+    ],
+    ids=["wrong tower", "pretrain directory as input dir"],
+)
+def test_wrong_input_is_refused(tmp_path, fixture, input_dir, tower_fixture, message):
+    with pytest.raises(ConversionError, match=message):
         convert_layer_select_fuse(
-            fixture_dir("lsf-E_D-clip-3-18-23") / "original",
+            fixture_dir(fixture) / input_dir,
             tmp_path / "out",
-            vision_tower=fixture_dir("lsf-E_D-siglip-3-18-23") / "vision_tower",
-            progress=False,
-        )
-
-
-def test_pretrain_directory_as_input_dir_is_refused(tmp_path):
-    with pytest.raises(ConversionError, match="pass it as --pretrain-dir"):
-        convert_layer_select_fuse(
-            fixture_dir("lsf-I_D-clip-3-18-23") / "original_pretrain",
-            tmp_path / "out",
-            vision_tower=fixture_dir("lsf-I_D-clip-3-18-23") / "vision_tower",
+            vision_tower=fixture_dir(tower_fixture) / "vision_tower",
             progress=False,
         )
 
