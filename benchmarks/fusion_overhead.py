@@ -55,9 +55,9 @@ import _common  # noqa: E402
 
 from llava_multilayer import LlavaMultiLayerConfig, LlavaMultiLayerModel  # noqa: E402
 from llava_multilayer.deformable_fusion_llava_multilayer import MMFuserDeformableSampling  # noqa: E402
-from llava_multilayer.instruction_encoder_llava_multilayer import InstructionEncoder  # noqa: E402
-from llava_multilayer.fusion_registry_llava_multilayer import fusion_projector_class  # noqa: E402
 from llava_multilayer.fusion_llava_multilayer import LlavaMultiLayerMLPProjector  # noqa: E402
+from llava_multilayer.fusion_registry_llava_multilayer import fusion_projector_class  # noqa: E402
+from llava_multilayer.instruction_encoder_llava_multilayer import InstructionEncoder  # noqa: E402
 
 
 INSTRUCTION_LENGTH = 32

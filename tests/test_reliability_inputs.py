@@ -29,7 +29,8 @@ from llava_multilayer.processing_llava_multilayer import to_rgb
 CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 # --------------------------------------------------------------------------------------------------------------
-# Config validation (the `validate_*` methods of `LlavaMultiLayerConfig`, the fusers' `validate_config`, the field types), one case per rule
+# Config validation (the `validate_*` methods of `LlavaMultiLayerConfig`, the fusers' `validate_config`, the field
+# types), one case per rule
 # --------------------------------------------------------------------------------------------------------------
 
 INVALID_CONFIGS = {
