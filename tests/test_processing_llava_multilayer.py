@@ -29,7 +29,6 @@ from transformers import AutoProcessor, AutoTokenizer
 from llava_multilayer import LlavaMultiLayerInstructionProcessor, LlavaMultiLayerProcessor
 
 
-
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # the placeholder id of the original codebases' `tokenizer_image_token`
 
 
