@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import base64
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -61,6 +62,19 @@ sys.meta_path[:] = [HidePackage()] + [
 _converted: dict[str, Path] = {}
 _conversion_logs: dict[str, str] = {}
 _root: Path | None = None
+
+
+def offline_child_env(root: Path, **extra: str) -> dict[str, str]:
+    """A bare environment for a child Python: offline, one thread, its own HOME and HF_HOME under `root`."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(root / "home"),
+        "HF_HOME": str(root / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 def convert_argv(name: str, output_dir: Path, parity: bool = True) -> list[str]:

@@ -9,7 +9,6 @@ stay untouched. A second, clean subprocess loads the saved checkpoint as Hub rem
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from converted_fixtures import HIDE_PACKAGE_SOURCE
+from converted_fixtures import HIDE_PACKAGE_SOURCE, offline_child_env
 from safetensors.torch import load_file
 
 
@@ -182,15 +181,7 @@ def added_fuser(tmp_path_factory):
     registry = (package / REGISTRY).read_text()
     (package / REGISTRY).write_text(register_fuser(registry, EXAMPLE_FUSER.stem, "LayerMixProjector"))
 
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(root / "home"),
-        "HF_HOME": str(root / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(root / "src"),
-    }
+    env = offline_child_env(root, PYTHONPATH=str(root / "src"))
     (root / "build.py").write_text(BUILD_SCRIPT)
     run_python(root / "build.py", str(root), str(TESTS_DIR), env=env, cwd=root)
     env.pop("PYTHONPATH")

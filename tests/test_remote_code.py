@@ -6,7 +6,6 @@ the tests compare what it computed with the in-process model.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ from conftest import (
     random_image,
     vicuna_prompt,
 )
-from converted_fixtures import HIDE_PACKAGE_SOURCE
+from converted_fixtures import HIDE_PACKAGE_SOURCE, offline_child_env
 from safetensors.torch import load_file, save_file
 
 
@@ -118,14 +117,7 @@ def remote(tmp_path_factory, tokenizer, instruction_tokenizer):
             }
     script = root / "load_remote.py"
     script.write_text(CHILD_SCRIPT)
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(root / "home"),
-        "HF_HOME": str(root / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = offline_child_env(root)
     result = subprocess.run(
         [sys.executable, "-I", str(script), str(root), *VARIANTS],
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
