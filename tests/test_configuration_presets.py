@@ -24,7 +24,7 @@ def test_preset_builds(name):
 
 
 def test_mmfuser_7b_parameter_counts_match_the_original():
-    # mmfuser.md §2.2: 26,170,304 projector parameters for 7B, of which 5,190,592 in the fuser block.
+    # The original MMFuser-7B: 26,170,304 projector parameters, of which 5,190,592 in the fuser block.
     projector = _meta_model("mmfuser-7b").model.multi_modal_projector
     assert _count(projector) == 26_170_304
     assert _count(projector.fuser) == 5_190_592

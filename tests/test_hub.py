@@ -31,6 +31,7 @@ from converted_fixtures import (
 )
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from transformers.dynamic_module_utils import get_relative_import_files
 
 import llava_multilayer
 from llava_multilayer.commands.cli import main
@@ -56,8 +57,10 @@ INSTRUCTION_TOKENIZER_FILES = {"instruction_tokenizer/tokenizer.json", "instruct
 
 
 def remote_code_files() -> set[str]:
-    """The package modules a converted checkpoint carries as remote code."""
-    return {path.name for path in MODELING_DIR.glob("*_llava_multilayer.py")}
+    """The package modules a converted checkpoint carries as remote code: the model's module and what it imports,
+    as transformers' `save_pretrained` collects them (package-only modules, such as `module_roles`, stay behind)."""
+    modeling = MODELING_DIR / "modeling_llava_multilayer.py"
+    return {modeling.name} | {Path(path).name for path in get_relative_import_files(str(modeling))}
 
 
 # --------------------------------------------------------------------------------------------------------------
