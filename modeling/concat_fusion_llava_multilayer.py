@@ -36,12 +36,7 @@ class ConcatProjector(FusionProjector):
 
     @classmethod
     def validate_config(cls, config: LlavaMultiLayerConfig) -> None:
-        layers = config.vision_feature_layer
-        if not isinstance(layers, list) or not layers:
-            raise ValueError(
-                f"`vision_feature_layer` must be a non-empty list for fusion_type={cls.fusion_type!r}, got {layers!r}."
-            )
-        for entry in layers:
+        for entry in cls.layer_list(config):
             if isinstance(entry, list):
                 check_layer_group("vision_feature_layer", entry, config.num_vision_hidden_states)
 

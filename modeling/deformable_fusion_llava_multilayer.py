@@ -25,7 +25,7 @@ from transformers import initialization as init
 
 from .compatibility_llava_multilayer import MultiScaleDeformableAttention
 from .configuration_llava_multilayer import LlavaMultiLayerConfig, check_divisible
-from .fusion_llava_multilayer import FusionOutput, FusionProjector, normalized_layer, select_vision_feature
+from .fusion_llava_multilayer import FusionOutput, QueryLayerFusionProjector, select_vision_feature
 
 
 def square_grid_side(num_tokens: int, what: str) -> int:
@@ -207,7 +207,7 @@ class MMFuserBlock(nn.Module):
         return query + self.cross_attn_scale * attended
 
 
-class MMFuserProjector(FusionProjector):
+class MMFuserProjector(QueryLayerFusionProjector):
     """`mmfuser` fuser: the MMFuser block over the selected layers, then the MLP projector.
 
     `vision_feature_layer[-1]` is the query layer, the other entries are the value levels in order.
@@ -230,21 +230,7 @@ class MMFuserProjector(FusionProjector):
 
     @classmethod
     def validate_config(cls, config: LlavaMultiLayerConfig) -> None:
-        layers = config.vision_feature_layer
-        if not isinstance(layers, list) or not layers:
-            raise ValueError(
-                f"`vision_feature_layer` must be a non-empty list for fusion_type={cls.fusion_type!r}, got {layers!r}."
-            )
-        for entry in layers:
-            if isinstance(entry, list):
-                raise ValueError(
-                    f"`vision_feature_layer` of an `mmfuser` fuser lists single indices, got the group {entry}."
-                )
-        if len(layers) < 2:
-            raise ValueError(
-                "An `mmfuser` fuser needs at least two layers in `vision_feature_layer` (value levels, then the "
-                f"query layer last), got {layers!r}."
-            )
+        super().validate_config(config)
         width = config.vision_config.hidden_size
         check_divisible("vision_config.hidden_size", width, "mmfuser_num_heads", config.mmfuser_num_heads)
         if config.mmfuser_num_points < 1:
@@ -262,22 +248,6 @@ class MMFuserProjector(FusionProjector):
             init_deformable_attention(module.self_attn)
             init.zeros_(module.cross_attn_scale)
             init.zeros_(module.self_attn_scale)
-
-    @classmethod
-    def upcycled_vision_feature_layer(cls, llava_layer: int | list[int]) -> list:
-        raise ValueError(
-            "fusion_type='mmfuser' needs `vision_feature_layer`: the value layers, then LLaVA's layer "
-            f"({llava_layer}) last as the query."
-        )
-
-    @classmethod
-    def upcycling_problems(cls, config: LlavaMultiLayerConfig, llava_layers: list[int]) -> list[str]:
-        layers = config.vision_feature_layer
-        if [normalized_layer(layers[-1], config.num_vision_hidden_states)] != llava_layers:
-            return [
-                f"the query layer (last entry of vision_feature_layer={layers}) is not LLaVA's layer {llava_layers}."
-            ]
-        return []
 
     @torch.no_grad()
     def init_from_llava(

@@ -125,6 +125,16 @@ class FusionProjector(LlavaMultiLayerMLPProjector):
             )
 
     @classmethod
+    def layer_list(cls, config: LlavaMultiLayerConfig) -> list:
+        """`config.vision_feature_layer`, which must be a non-empty list for this fuser (else `ValueError`)."""
+        layers = config.vision_feature_layer
+        if not isinstance(layers, list) or not layers:
+            raise ValueError(
+                f"`vision_feature_layer` must be a non-empty list for fusion_type={cls.fusion_type!r}, got {layers!r}."
+            )
+        return layers
+
+    @classmethod
     def needs_instruction_encoder(cls, config: LlavaMultiLayerConfig) -> bool:
         """Whether the model embeds an instruction per image (`instruction_embeds` of `forward`) with its frozen
         instruction encoder (`config.instruction_encoder_config`)."""
@@ -176,10 +186,48 @@ class FusionProjector(LlavaMultiLayerMLPProjector):
         self.linear_2.load_state_dict(llava_projector.linear_2.state_dict())
 
 
+
+class QueryLayerFusionProjector(FusionProjector):
+    """Base of fusers whose last `vision_feature_layer` entry is the query layer, into which the layers listed before
+    it are fused (`mmfuser`). Upcycled from LLaVA, the query layer is LLaVA's layer."""
+
+    @classmethod
+    def validate_config(cls, config: LlavaMultiLayerConfig) -> None:
+        layers = cls.layer_list(config)
+        for entry in layers:
+            if isinstance(entry, list):
+                raise ValueError(
+                    f"`vision_feature_layer` of an `{cls.fusion_type}` fuser lists single indices, got the group "
+                    f"{entry}."
+                )
+        if len(layers) < 2:
+            raise ValueError(
+                f"An `{cls.fusion_type}` fuser needs at least two layers in `vision_feature_layer` (the fused layers, "
+                f"then the query layer last), got {layers!r}."
+            )
+
+    @classmethod
+    def upcycled_vision_feature_layer(cls, llava_layer: int | list[int]) -> list:
+        raise ValueError(
+            f"fusion_type={cls.fusion_type!r} needs `vision_feature_layer`: the fused layers, then LLaVA's layer "
+            f"({llava_layer}) last as the query."
+        )
+
+    @classmethod
+    def upcycling_problems(cls, config: LlavaMultiLayerConfig, llava_layers: list[int]) -> list[str]:
+        layers = config.vision_feature_layer
+        if [normalized_layer(layers[-1], config.num_vision_hidden_states)] != llava_layers:
+            return [
+                f"the query layer (last entry of vision_feature_layer={layers}) is not LLaVA's layer {llava_layers}."
+            ]
+        return []
+
+
 __all__ = [
     "FusionOutput",
     "FusionProjector",
     "LlavaMultiLayerMLPProjector",
+    "QueryLayerFusionProjector",
     "mean_of_hidden_states",
     "normalized_layer",
     "select_vision_feature",

@@ -24,11 +24,15 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_llava_multilayer import LlavaMultiLayerConfig
-from .fusion_llava_multilayer import FusionOutput, FusionProjector, normalized_layer, select_vision_feature
+from .fusion_llava_multilayer import FusionOutput, QueryLayerFusionProjector, select_vision_feature
 
 
-class LayerMixProjector(FusionProjector):
-    """`layer_mix` fuser: `MLP(h_q + mix * (mean(h_others) - h_q))`, with one learned scalar `mix` (zero at init)."""
+class LayerMixProjector(QueryLayerFusionProjector):
+    """`layer_mix` fuser: `MLP(h_q + mix * (mean(h_others) - h_q))`, with one learned scalar `mix` (zero at init).
+
+    `QueryLayerFusionProjector` brings the checks of a query-last `vision_feature_layer` and the upcycling rule (the
+    query layer must be LLaVA's); the rest of `FusionProjector`'s defaults fit as they are.
+    """
 
     fusion_type = "layer_mix"
 
@@ -39,15 +43,6 @@ class LayerMixProjector(FusionProjector):
         self.mix = nn.Parameter(torch.zeros(1))
 
     @classmethod
-    def validate_config(cls, config: LlavaMultiLayerConfig) -> None:
-        layers = config.vision_feature_layer
-        if not isinstance(layers, list) or len(layers) < 2 or not all(isinstance(layer, int) for layer in layers):
-            raise ValueError(
-                "`vision_feature_layer` of a `layer_mix` fuser must list at least two single indices (the mixed "
-                f"layers, then the query layer last), got {layers!r}."
-            )
-
-    @classmethod
     def describe(cls, config: LlavaMultiLayerConfig) -> str:
         layers = config.vision_feature_layer
         return f"layer mix: vision layer {layers[-1]} mixed with the mean of layers {layers[:-1]}"
@@ -56,20 +51,6 @@ class LayerMixProjector(FusionProjector):
     def init_module_weights(cls, module: nn.Module) -> None:
         if isinstance(module, cls):
             init.zeros_(module.mix)
-
-    @classmethod
-    def upcycled_vision_feature_layer(cls, llava_layer: int | list[int]) -> list:
-        raise ValueError(
-            "fusion_type='layer_mix' needs `vision_feature_layer`: the mixed layers, then LLaVA's layer "
-            f"({llava_layer}) last."
-        )
-
-    @classmethod
-    def upcycling_problems(cls, config: LlavaMultiLayerConfig, llava_layers: list[int]) -> list[str]:
-        query = normalized_layer(config.vision_feature_layer[-1], config.num_vision_hidden_states)
-        if [query] != llava_layers:
-            return [f"the query layer {config.vision_feature_layer[-1]} is not LLaVA's layer {llava_layers}."]
-        return []
 
     @torch.no_grad()
     def init_from_llava(
