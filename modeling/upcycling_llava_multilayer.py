@@ -84,25 +84,42 @@ def upcycle_llava(
         strict: Raise [`UpcyclingError`] when the new model cannot reproduce LLaVA's outputs; with `False`, build it
             anyway and warn.
         instruction_encoder: Fusers that embed an instruction only (`igva` with an aggregator): the sentence
-            encoder (a transformers model, e.g.
-            `sentence-transformers/all-mpnet-base-v2`, or where it loads from) whose weights fill the frozen
-            instruction encoder. Without it the encoder stays randomly initialised (an error with `strict=True`).
+            encoder (a transformers model, e.g. `sentence-transformers/all-mpnet-base-v2`, or where it loads from)
+            whose weights fill the frozen instruction encoder. Without it the encoder stays randomly initialised (an
+            error with `strict=True`).
         config_kwargs: Any other [`LlavaMultiLayerConfig`] field (`vision_feature_layer`, `internal_fusion_type`,
             ...). `vision_feature_layer` defaults to LLaVA's.
 
     Returns:
         The new model, in evaluation mode, in LLaVA's dtype, on the CPU.
     """
-    fuser = fusion_projector_class(fusion_type)
     llava = _load_llava(llava_model_or_path)
-    llava_config = llava.config
-    num_hidden_states = llava_config.vision_config.num_hidden_layers + 1
-    llava_layers = _as_layer_list(llava_config.vision_feature_layer, num_hidden_states)
-    if "vision_feature_layer" not in config_kwargs:
-        config_kwargs["vision_feature_layer"] = fuser.upcycled_vision_feature_layer(llava_config.vision_feature_layer)
-
+    num_hidden_states = llava.config.vision_config.num_hidden_layers + 1
+    llava_layers = _as_layer_list(llava.config.vision_feature_layer, num_hidden_states)
     if instruction_encoder is not None and not isinstance(instruction_encoder, PreTrainedModel):
         instruction_encoder = AutoModel.from_pretrained(instruction_encoder, add_pooling_layer=False)
+    config = _upcycled_config(model_class, llava.config, fusion_type, instruction_encoder, config_kwargs)
+
+    problems = _unreproducible_settings(config, llava_layers, instruction_encoder)
+    if problems:
+        message = "The upcycled model will not reproduce the LLaVA model's outputs: " + " ".join(problems)
+        if strict:
+            raise UpcyclingError(message + " Pass `strict=False` to build it anyway.")
+        warnings.warn(message, stacklevel=3)
+
+    model = model_class._from_config(config, dtype=llava.dtype)
+    _copy_llava_weights(model, llava, llava_layers, instruction_encoder)
+    if llava.generation_config is not None:
+        model.generation_config = copy.deepcopy(llava.generation_config)
+    return model.eval()
+
+
+def _upcycled_config(model_class, llava_config, fusion_type: str, instruction_encoder, config_kwargs: dict):
+    """The new model's config: LLaVA's towers and fields, the fuser's defaults for what `config_kwargs` leaves out."""
+    fuser = fusion_projector_class(fusion_type)
+    config_kwargs = dict(config_kwargs)
+    if "vision_feature_layer" not in config_kwargs:
+        config_kwargs["vision_feature_layer"] = fuser.upcycled_vision_feature_layer(llava_config.vision_feature_layer)
     if instruction_encoder is not None:
         config_kwargs.setdefault("instruction_encoder_config", instruction_encoder.config.to_dict())
     elif config_kwargs.get("instruction_encoder_config") is None and fuser.needs_instruction_encoder(
@@ -113,7 +130,6 @@ def upcycle_llava(
             "pass `instruction_encoder` (a transformers model such as sentence-transformers/all-mpnet-base-v2, or "
             "where it loads from)."
         )
-
     for name in _LLAVA_CONFIG_FIELDS:
         if name in config_kwargs:
             raise ValueError(f"`{name}` is taken from the LLaVA model and cannot be passed to `from_llava`.")
@@ -125,38 +141,31 @@ def upcycle_llava(
         **config_kwargs,
     )
     config.architectures = [model_class.__name__]
+    return config
 
-    problems = _unreproducible_settings(config, llava_layers, instruction_encoder)
-    if problems:
-        message = "The upcycled model will not reproduce the LLaVA model's outputs: " + " ".join(problems)
-        if strict:
-            raise UpcyclingError(message + " Pass `strict=False` to build it anyway.")
-        warnings.warn(message, stacklevel=3)
 
-    model = model_class._from_config(config, dtype=llava.dtype)
+@torch.no_grad()
+def _copy_llava_weights(model, llava, llava_layers: list[int], instruction_encoder) -> None:
+    """Copies LLaVA's weights into `model` and sets the new parts so that it computes what LLaVA computed."""
     target = model.model
-    with torch.no_grad():
-        target.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
-        _load_language_model(target.language_model, llava.model.language_model.state_dict())
-        if not config.tie_word_embeddings:
-            model.lm_head.load_state_dict(llava.lm_head.state_dict())
-        target.multi_modal_projector.init_from_llava(config, llava.model.multi_modal_projector, llava_layers)
-        wrapper = target.internal_fusion_wrapper
-        if wrapper is not None and wrapper.starts_unchanged_with_zero_features:
-            for projector in target.internal_projectors:
-                _zero_linear(projector.linear_2)
-        for layer in target.internal_fusion_layers:
-            layer.start_unchanged()
-        if instruction_encoder is not None:
-            result = target.instruction_encoder.encoder.load_state_dict(instruction_encoder.state_dict(), strict=False)
-            if result.missing_keys:
-                raise ValueError(
-                    "`instruction_encoder` does not fit the model's instruction encoder: missing "
-                    f"{result.missing_keys[:5]}."
-                )
-    if llava.generation_config is not None:
-        model.generation_config = copy.deepcopy(llava.generation_config)
-    return model.eval()
+    target.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
+    _load_language_model(target.language_model, llava.model.language_model.state_dict())
+    if not model.config.tie_word_embeddings:
+        model.lm_head.load_state_dict(llava.lm_head.state_dict())
+    target.multi_modal_projector.init_from_llava(model.config, llava.model.multi_modal_projector, llava_layers)
+    wrapper = target.internal_fusion_wrapper
+    if wrapper is not None and wrapper.starts_unchanged_with_zero_features:
+        for projector in target.internal_projectors:
+            _zero_linear(projector.linear_2)
+    for layer in target.internal_fusion_layers:
+        layer.start_unchanged()
+    if instruction_encoder is not None:
+        result = target.instruction_encoder.encoder.load_state_dict(instruction_encoder.state_dict(), strict=False)
+        if result.missing_keys:
+            raise ValueError(
+                "`instruction_encoder` does not fit the model's instruction encoder: missing "
+                f"{result.missing_keys[:5]}."
+            )
 
 
 def processor_from_llava(
